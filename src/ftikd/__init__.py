@@ -1,0 +1,3 @@
+"""ftikd: knowledge distillation when teacher calls are scarce."""
+
+__version__ = "0.1.0"

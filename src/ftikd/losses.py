@@ -1,0 +1,154 @@
+"""Loss functions as plain functions of tensors, reusable outside the engine.
+
+Formulas and reductions follow ``METHODS.md`` (section numbers cited per function). Softmaxes and
+KL terms are computed in float32 so mixed-precision callers stay stable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Comparison = Literal["difference", "addition", "interpolation"]
+CKDForm = Literal["mse", "kl"]
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Hinton KD term (METHODS.md §0.5): T^2 * batchmean KL(softmax(z/T) || softmax(z_hat/T)).
+
+    The teacher distribution is the first KL argument; ``teacher_logits`` may be any real target
+    vector (CKD's KL form passes label differences here).
+    """
+    t = temperature
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
+    return kl.mean() * (t * t)
+
+
+def comparison_weights(comparison: Comparison, lam: float | None = None) -> tuple[float, float]:
+    """Coefficients (l1, l2) of phi(u, v) = l1*u + l2*v (CKD eq. 8, METHODS.md M2.1 and A5).
+
+    ``difference`` is (1, -1); ``addition`` is the authors' code's (0.5, 0.5); ``interpolation``
+    is (lam, 1 - lam) with lam drawn by the caller (once per batch, as in the code).
+    """
+    if comparison == "difference":
+        return 1.0, -1.0
+    if comparison == "addition":
+        return 0.5, 0.5
+    if comparison == "interpolation":
+        if lam is None:
+            raise ValueError("interpolation comparison needs lam")
+        return float(lam), 1.0 - float(lam)
+    raise ValueError(f"unknown comparison {comparison!r}")
+
+
+def group_split_sizes(k: int) -> tuple[int, int]:
+    """Sizes (a, b) of the two halves of a k-group: a = ceil(k/2), b = floor(k/2) (M2.1)."""
+    if k < 2:
+        raise ValueError("a CKD group needs k >= 2")
+    return k - k // 2, k // 2
+
+
+def compare_groups(values: torch.Tensor, comparison: Comparison, lam: float | None = None) -> torch.Tensor:
+    """phi(centroid(A), centroid(B)) for groups stacked as (G, k, C); A is the first ceil(k/2)."""
+    a, _ = group_split_sizes(values.shape[1])
+    l1, l2 = comparison_weights(comparison, lam)
+    return l1 * values[:, :a].mean(dim=1) + l2 * values[:, a:].mean(dim=1)
+
+
+def ckd_terms(
+    student_delta: torch.Tensor,
+    teacher_delta: torch.Tensor,
+    label_delta: torch.Tensor,
+    form: CKDForm = "mse",
+    temperature: float = 4.0,
+) -> dict[str, torch.Tensor]:
+    """The two CKD terms on already-compared vectors (METHODS.md M2.2 / M2.3).
+
+    ``mse``: elementwise-mean MSE of raw logit differences against label and teacher differences.
+    ``kl``: the authors' ICLR code: T^2 batchmean KL with the label/teacher side first.
+    Returns ``{"ckd_label": ..., "ckd_teacher": ...}`` (weights applied by the caller).
+    """
+    if form == "mse":
+        return {
+            "ckd_label": F.mse_loss(student_delta.float(), label_delta.float()),
+            "ckd_teacher": F.mse_loss(student_delta.float(), teacher_delta.float()),
+        }
+    if form == "kl":
+        return {
+            "ckd_label": kd_loss(student_delta, label_delta, temperature),
+            "ckd_teacher": kd_loss(student_delta, teacher_delta, temperature),
+        }
+    raise ValueError(f"unknown CKD form {form!r}")
+
+
+def ckd_group_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    label_onehot: torch.Tensor,
+    comparison: Comparison = "difference",
+    form: CKDForm = "mse",
+    temperature: float = 4.0,
+    lam: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Group CKD (METHODS.md M2.1-M2.3) on per-member tensors shaped (G, k, C).
+
+    Each group's first ceil(k/2) members form A, the rest B; the centroid of each half is taken in
+    logit (and label) space, then compared with phi. No per-sample cross-entropy is involved.
+    """
+    return ckd_terms(
+        compare_groups(student_logits, comparison, lam),
+        compare_groups(teacher_logits, comparison, lam),
+        compare_groups(label_onehot, comparison, lam),
+        form,
+        temperature,
+    )
+
+
+def _pairwise_mse_mean(residual: torch.Tensor) -> torch.Tensor:
+    """Mean over unordered pairs i<j and classes of ((r_i - r_j))^2, in O(B*C).
+
+    Uses sum_{i<j} |r_i - r_j|^2 = B * sum_i |r_i|^2 - |sum_i r_i|^2, so no B x B x C tensor.
+    """
+    b, c = residual.shape
+    r = residual.float()
+    total = b * r.pow(2).sum() - r.sum(dim=0).pow(2).sum()
+    return total / (b * (b - 1) / 2 * c)
+
+
+def ckd_inbatch_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    label_onehot: torch.Tensor,
+    form: CKDForm = "mse",
+    temperature: float = 4.0,
+) -> dict[str, torch.Tensor]:
+    """In-batch CKD (ftikd's own variant, not from the CKD paper): every pair of a batch is compared.
+
+    For B distinct samples, the difference comparison is applied to all pairs, giving B(B-1)/2
+    comparisons from B student forwards. The MSE form equals the mean of the group form's k=2
+    MSE over all unordered pairs (each pair's two orders give the same value) and is computed in
+    O(B*C). The KL form is not symmetric, so it averages over all ordered pairs i != j.
+    """
+    b = student_logits.shape[0]
+    if b < 2:
+        raise ValueError("in-batch CKD needs at least 2 samples per batch")
+    if form == "mse":
+        return {
+            "ckd_label": _pairwise_mse_mean(student_logits - label_onehot),
+            "ckd_teacher": _pairwise_mse_mean(student_logits - teacher_logits),
+        }
+    if form == "kl":
+        i, j = torch.triu_indices(b, b, offset=1, device=student_logits.device)
+        i, j = torch.cat([i, j]), torch.cat([j, i])
+        return ckd_terms(
+            student_logits[i] - student_logits[j],
+            teacher_logits[i] - teacher_logits[j],
+            label_onehot[i] - label_onehot[j],
+            form="kl",
+            temperature=temperature,
+        )
+    raise ValueError(f"unknown CKD form {form!r}")

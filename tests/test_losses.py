@@ -1,0 +1,118 @@
+"""Each loss against an independent numpy computation on small tensors (METHODS.md §5)."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from ftikd.losses import ckd_group_loss, ckd_inbatch_loss, compare_groups, kd_loss
+
+rng = np.random.default_rng(0)
+
+
+def np_softmax(x, t=1.0):
+    e = np.exp((x - x.max(-1, keepdims=True)) / t)
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_kd(student, teacher, t):
+    p, q = np_softmax(teacher, t), np_softmax(student, t)
+    return float((p * (np.log(p) - np.log(q))).sum(-1).mean() * t * t)
+
+
+def t64(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def test_kd_matches_numpy_and_is_batchmean_times_t2():
+    s, t = rng.normal(size=(5, 7)) * 3, rng.normal(size=(5, 7)) * 3
+    assert kd_loss(t64(s), t64(t), 4.0).item() == pytest.approx(np_kd(s, t, 4.0), rel=1e-5)
+    # duplicating the batch must not change a batchmean loss
+    assert kd_loss(t64(np.tile(s, (3, 1))), t64(np.tile(t, (3, 1))), 4.0).item() == pytest.approx(
+        np_kd(s, t, 4.0), rel=1e-5
+    )
+    assert kd_loss(t64(s), t64(s), 4.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_hand_value():
+    # two classes, T=1: teacher p=(0.5,0.5), student logits (log 3, 0) -> q=(0.75,0.25)
+    s = torch.tensor([[np.log(3.0), 0.0]])
+    t = torch.tensor([[0.0, 0.0]])
+    expected = 0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25)
+    assert kd_loss(s, t, 1.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def np_group_deltas(x, k, l1, l2):
+    a = k - k // 2
+    return l1 * x[:, :a].mean(1) + l2 * x[:, a:].mean(1)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("form", ["mse", "kl"])
+def test_ckd_group_loss_matches_numpy(k, form):
+    g, c = 6, 5
+    s, t = rng.normal(size=(g, k, c)), rng.normal(size=(g, k, c))
+    labels = rng.integers(0, c, size=(g, k))
+    y = np.eye(c)[labels]
+    ds, dt, dy = (np_group_deltas(v, k, 1.0, -1.0) for v in (s, t, y))
+    if form == "mse":
+        exp_label, exp_teacher = ((ds - dy) ** 2).mean(), ((ds - dt) ** 2).mean()
+    else:
+        exp_label, exp_teacher = np_kd(ds, dy, 4.0), np_kd(ds, dt, 4.0)
+    got = ckd_group_loss(t64(s), t64(t), t64(y), "difference", form, 4.0)
+    assert got["ckd_label"].item() == pytest.approx(exp_label, rel=1e-5)
+    assert got["ckd_teacher"].item() == pytest.approx(exp_teacher, rel=1e-5)
+
+
+def test_ckd_comparisons_and_label_delta_values():
+    y = torch.nn.functional.one_hot(torch.tensor([[0, 1, 2]]), 4).double()
+    dy = compare_groups(y, "difference")
+    assert torch.allclose(dy, torch.tensor([[0.5, 0.5, -1.0, 0.0]], dtype=torch.float64))
+    assert dy.sum().item() == pytest.approx(0.0)
+    assert torch.allclose(compare_groups(y, "addition"), torch.tensor([[0.25, 0.25, 0.5, 0.0]], dtype=torch.float64))
+    interp = compare_groups(y, "interpolation", lam=0.3)
+    assert torch.allclose(interp, torch.tensor([[0.15, 0.15, 0.7, 0.0]], dtype=torch.float64))
+
+
+def test_ckd_invariant_to_shared_offset_and_swap_for_mse():
+    s, t = torch.randn(8, 2, 10, dtype=torch.float64), torch.randn(8, 2, 10, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.randint(0, 10, (8, 2)), 10).double()
+    base = ckd_group_loss(s, t, y)
+    shifted = ckd_group_loss(s + torch.randn(10, dtype=torch.float64), t, y)
+    swapped = ckd_group_loss(s.flip(1), t.flip(1), y.flip(1))
+    for key in base:
+        assert shifted[key].item() == pytest.approx(base[key].item(), rel=1e-9)
+        assert swapped[key].item() == pytest.approx(base[key].item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("form", ["mse", "kl"])
+def test_inbatch_equals_mean_over_explicit_pairs(form):
+    b, c = 7, 4
+    s, t = rng.normal(size=(b, c)), rng.normal(size=(b, c))
+    y = np.eye(c)[rng.integers(0, c, size=b)]
+    pairs = list(itertools.permutations(range(b), 2)) if form == "kl" else list(itertools.combinations(range(b), 2))
+    label_vals, teacher_vals = [], []
+    for i, j in pairs:
+        ds, dt, dy = s[i] - s[j], t[i] - t[j], y[i] - y[j]
+        if form == "mse":
+            label_vals.append(((ds - dy) ** 2).mean())
+            teacher_vals.append(((ds - dt) ** 2).mean())
+        else:
+            label_vals.append(np_kd(ds[None], dy[None], 4.0))
+            teacher_vals.append(np_kd(ds[None], dt[None], 4.0))
+    got = ckd_inbatch_loss(t64(s), t64(t), t64(y), form, 4.0)
+    assert got["ckd_label"].item() == pytest.approx(np.mean(label_vals), rel=1e-6)
+    assert got["ckd_teacher"].item() == pytest.approx(np.mean(teacher_vals), rel=1e-6)
+
+
+def test_inbatch_mse_gradient_matches_explicit_pairs():
+    s = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.zeros(5, 3, dtype=torch.float64)
+    ckd_inbatch_loss(s, t, y)["ckd_teacher"].backward()
+    fast = s.grad.clone()
+    s.grad = None
+    i, j = torch.triu_indices(5, 5, 1)
+    (((s[i] - s[j]) - (t[i] - t[j])) ** 2).mean().backward()
+    assert torch.allclose(fast, s.grad)
