@@ -70,7 +70,9 @@ def test_ckd_comparisons_and_label_delta_values():
     dy = compare_groups(y, "difference")
     assert torch.allclose(dy, torch.tensor([[0.5, 0.5, -1.0, 0.0]], dtype=torch.float64))
     assert dy.sum().item() == pytest.approx(0.0)
-    assert torch.allclose(compare_groups(y, "addition"), torch.tensor([[0.25, 0.25, 0.5, 0.0]], dtype=torch.float64))
+    assert torch.allclose(
+        compare_groups(y, "addition"), torch.tensor([[0.25, 0.25, 0.5, 0.0]], dtype=torch.float64)
+    )
     interp = compare_groups(y, "interpolation", lam=0.3)
     assert torch.allclose(interp, torch.tensor([[0.15, 0.15, 0.7, 0.0]], dtype=torch.float64))
 
@@ -91,7 +93,11 @@ def test_inbatch_equals_mean_over_explicit_pairs(form):
     b, c = 7, 4
     s, t = rng.normal(size=(b, c)), rng.normal(size=(b, c))
     y = np.eye(c)[rng.integers(0, c, size=b)]
-    pairs = list(itertools.permutations(range(b), 2)) if form == "kl" else list(itertools.combinations(range(b), 2))
+    pairs = (
+        list(itertools.permutations(range(b), 2))
+        if form == "kl"
+        else list(itertools.combinations(range(b), 2))
+    )
     label_vals, teacher_vals = [], []
     for i, j in pairs:
         ds, dt, dy = s[i] - s[j], t[i] - t[j], y[i] - y[j]

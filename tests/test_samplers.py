@@ -26,7 +26,9 @@ def test_count_group_splits():
     assert count_group_splits(2, 2, 1) == 0
 
 
-@pytest.mark.parametrize("num,k,max_groups", [(6, 2, 1000), (6, 3, 1000), (8, 4, 50), (500, 2, 1000), (200, 3, 5000)])
+@pytest.mark.parametrize(
+    "num,k,max_groups", [(6, 2, 1000), (6, 3, 1000), (8, 4, 50), (500, 2, 1000), (200, 3, 5000)]
+)
 def test_groups_unique_distinct_members_and_capped(num, k, max_groups):
     groups = build_groups(num, k, max_groups, torch.Generator().manual_seed(1))
     a = k - k // 2

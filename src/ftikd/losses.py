@@ -15,7 +15,9 @@ Comparison = Literal["difference", "addition", "interpolation"]
 CKDForm = Literal["mse", "kl"]
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0
+) -> torch.Tensor:
     """Hinton KD term (METHODS.md §0.5): T^2 * batchmean KL(softmax(z/T) || softmax(z_hat/T)).
 
     The teacher distribution is the first KL argument; ``teacher_logits`` may be any real target

@@ -13,7 +13,8 @@ class ImageDataset:
 
     ``train_images``/``test_images`` are uint8 tensors of shape (N, C, H, W); labels are int64 (N,).
     ``mean``/``std`` are per-channel normalisation statistics on the [0, 1] scale; ``hflip`` says
-    whether horizontal flips are a valid augmentation (False for e.g. digits).
+    whether horizontal flips are a valid augmentation (False for e.g. digits); ``crop_padding`` is
+    the zero padding of the random crop (4 as in the CKD paper; 1 for 8x8 digits).
     """
 
     name: str
@@ -25,6 +26,7 @@ class ImageDataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool = True
+    crop_padding: int = 4
 
     @property
     def num_classes(self) -> int:

@@ -209,6 +209,7 @@ def _load_digits(data_dir: Path | None, arg: str | None) -> ImageDataset:
         mean=mean,
         std=std,
         hflip=False,
+        crop_padding=1,
     )
 
 

@@ -138,8 +138,9 @@ def build_method(name: str, **options: Any) -> Method:
     known = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise FtikdError(
-            f"method {name!r} has no option(s) {', '.join(unknown)}; its options are: {', '.join(sorted(known))}"
-        )
-    return cls(cls.Config(**options))
-
+        valid = ", ".join(sorted(known)) or "none"
+        raise FtikdError(f"method {name!r} has no option(s) {', '.join(unknown)}; its options are: {valid}")
+    try:
+        return cls(cls.Config(**options))
+    except (TypeError, ValueError) as exc:
+        raise FtikdError(f"bad option for method {name!r}: {exc}") from None

@@ -39,7 +39,10 @@ class CKDConfig(MethodConfig):
 
 def ckd_weighted_terms(terms: dict[str, torch.Tensor], cfg: CKDConfig) -> dict[str, torch.Tensor]:
     """Apply the label and teacher weights to the two CKD terms."""
-    return {"ckd_label": cfg.w_label * terms["ckd_label"], "ckd_teacher": cfg.w_teacher * terms["ckd_teacher"]}
+    return {
+        "ckd_label": cfg.w_label * terms["ckd_label"],
+        "ckd_teacher": cfg.w_teacher * terms["ckd_teacher"],
+    }
 
 
 @register_method
@@ -57,7 +60,10 @@ class CKD(Method):
         cfg = self.config
         a, _ = group_split_sizes(cfg.k)
         logits = torch.cat(
-            [forward_student(student, batch.images[:, :a]).logits, forward_student(student, batch.images[:, a:]).logits],
+            [
+                forward_student(student, batch.images[:, :a]).logits,
+                forward_student(student, batch.images[:, a:]).logits,
+            ],
             dim=1,
         )
         lam = None

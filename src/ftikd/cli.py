@@ -1,0 +1,247 @@
+"""The ``ftikd`` command line: argument parsing and messages only, each verb a thin API call.
+
+User errors (:class:`FtikdError`) print one line on stderr and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ftikd.errors import FtikdError
+
+
+def _parse_value(text: str) -> Any:
+    """Interpret a ``key=value`` option value as int, float, bool or string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise FtikdError(f"method option {pair!r} must look like key=value, e.g. --opt k=3")
+        options[key.strip()] = _parse_value(value.strip())
+    return options
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training schedule (FTI-KD protocol defaults)")
+    g.add_argument("--lr", type=float, help="initial learning rate (default 0.05)")
+    g.add_argument("--batch-size", type=int, help="rows per step: images, or groups for CKD (default 64)")
+    g.add_argument(
+        "--patience", type=int, help="evaluations without improvement that end a phase (default 50)"
+    )
+    g.add_argument("--phases", type=int, help="phases (LR /10 after each) before stopping (default 3)")
+    g.add_argument(
+        "--max-epochs", type=int, help="cap on pseudo-epochs of ceil(n/batch) steps (default 1000)"
+    )
+    g.add_argument("--device", help="training device, e.g. cpu or cuda (default cpu)")
+
+
+_TRAIN_FLAGS = {
+    "lr": "lr",
+    "batch_size": "batch_size",
+    "patience": "patience",
+    "phases": "phases",
+    "max_epochs": "max_epochs",
+    "device": "device",
+}
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None
+    }
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ftikd.experiments.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig()
+    cfg.train = dataclasses.replace(cfg.train, **_train_overrides(args))
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    if args.out:
+        cfg.out = args.out
+    if args.budgets:
+        cfg.budgets = args.budgets
+    if args.seeds:
+        cfg.seeds = args.seeds
+    if args.teacher_epochs:
+        cfg.teacher_epochs = args.teacher_epochs
+    run_demo(cfg, progress=not args.no_progress)
+    return 0
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from ftikd.teacher.train import TeacherTrainConfig, train_teacher
+
+    cfg = TeacherTrainConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        arch=args.arch,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        schedule=args.schedule,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+    )
+    _, meta = train_teacher(cfg, progress=not args.no_progress)
+    print(
+        f"teacher {meta['arch']} on {meta['dataset']}: test top-1 {meta['test_acc']}% "
+        f"(fingerprint {meta['fingerprint']}) -> {args.out}"
+    )
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ftikd.experiments.run import RunConfig, run_distillation
+
+    cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
+    for flag in (
+        "teacher",
+        "dataset",
+        "data_dir",
+        "student",
+        "method",
+        "calls",
+        "seed",
+        "view",
+        "store",
+        "out",
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(cfg, flag, value)
+    if args.opt:
+        cfg.method_options = {**cfg.method_options, **_parse_options(args.opt)}
+    cfg.train = dataclasses.replace(cfg.train, **_train_overrides(args))
+    result = run_distillation(cfg, progress=not args.no_progress)
+    m, calls = result.record["metrics"], result.record["teacher_calls"]
+    print(
+        f"{result.record['run']}: test top-1 {m['test_top1']:.2f}%  top-5 {m['test_top5']:.2f}%  "
+        f"(best val {m['best_val_acc']:.2f}% at epoch {m['best_epoch']}; teacher calls: "
+        f"{calls['paid_this_run']} paid now, {calls['outputs_used']} used of budget {calls['budget']})"
+        f" -> {result.path}"
+    )
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from ftikd.methods import available_methods, method_class
+
+    rows = [("name", "calls/sample", "teacher features", "summary")]
+    for name in available_methods():
+        cls = method_class(name)
+        rows.append((name, str(cls.call_cost), ",".join(cls.teacher_features) or "-", cls.summary))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ftikd.models import available_models
+
+    print("\n".join(available_models()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftikd", description="Knowledge distillation under a teacher-call budget."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo", help="train a teacher, distill CE/KD/CKD at two budgets x 3 seeds, print the table"
+    )
+    p.add_argument(
+        "--data-dir", help="folder with the Fashion-MNIST IDX files (default: the Debian package's)"
+    )
+    p.add_argument("--out", help="results folder (default results/demo)")
+    p.add_argument("--budgets", type=int, nargs="+", help="teacher-call budgets n (default 500 2000)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 1 2 3)")
+    p.add_argument("--teacher-epochs", type=int, help="teacher training epochs")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "train-teacher", help="train a teacher on the full training split and save a checkpoint"
+    )
+    p.add_argument(
+        "--dataset", default="fashion-mnist", help="fashion-mnist, cifar10, cifar100, digits or folder:PATH"
+    )
+    p.add_argument("--data-dir", help="where the dataset files are")
+    p.add_argument("--arch", default="resnet20", help="architecture (see ftikd models)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser("distill", help="distill a student from a teacher under a budget of n teacher calls")
+    p.add_argument("--config", help="JSON/YAML config or a run record to repeat; flags override it")
+    p.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100, digits or folder:PATH")
+    p.add_argument("--data-dir", help="where the dataset files are")
+    p.add_argument("--teacher", help="teacher checkpoint (.safetensors from ftikd train-teacher)")
+    p.add_argument("--student", help="student architecture (default resnet8; see ftikd models)")
+    p.add_argument("--method", help="method name (default ckd; see ftikd methods)")
+    p.add_argument(
+        "--opt", action="append", metavar="KEY=VALUE", help="method option, repeatable, e.g. --opt k=3"
+    )
+    p.add_argument("--calls", type=int, help="budget n: teacher calls = training samples (default 2000)")
+    p.add_argument(
+        "--seed", type=int, help="seed of the split, the student's init and the sampler (default 1)"
+    )
+    p.add_argument("--view", type=int, help="seed of the teacher's single augmented view (default 0)")
+    p.add_argument(
+        "--store", help="teacher-output store (default: <out>/../stores/<dataset>-<fingerprint>.sqlite)"
+    )
+    p.add_argument("--out", help="folder for the run record (default results/runs)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("methods", help="list the registered methods")
+    p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("models", help="list the registered architectures")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FtikdError as exc:
+        print(f"ftikd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ftikd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The training engine: the FTI-KD protocol of METHODS.md §3.1, for any registered method.
+
+One pseudo-epoch is ceil(n / batch) optimizer steps whatever the sampler; validation accuracy is
+measured after each. A phase ends after ``patience`` evaluations without improvement: the best
+student and extra modules are restored and the LR divided by 10. After ``phases`` phase ends (or
+``max_epochs`` pseudo-epochs) training stops and the best-validation weights are the result.
+Momentum buffers are not restored at a phase end, as in the CKD authors' code (A11).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ftikd.data.augment import normalize, random_crop_flip
+from ftikd.methods.base import Batch, Method, MethodContext
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and early-stopping settings (defaults: the FTI-KD protocol, METHODS.md §3.1)."""
+
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    patience: int = 50
+    phases: int = 3
+    max_epochs: int = 1000
+    lr_decay: float = 0.1
+    eval_batch_size: int = 1000
+    device: str = "cpu"
+
+
+@dataclass
+class TrainData:
+    """Everything the loop reads, as tensors on the training device.
+
+    ``train_images`` is the run's training subset only (uint8, n x C x H x W); teacher outputs are
+    aligned with it row for row. Validation and test images are never augmented.
+    """
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    hflip: bool = True
+    padding: int = 4
+    teacher_logits: torch.Tensor | None = None
+    teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_images.shape[0])
+
+
+@dataclass
+class FitResult:
+    """What training produced: per-epoch history, best validation accuracy and the best weights."""
+
+    history: list[dict]
+    best_val_acc: float
+    best_epoch: int
+    epochs: int
+    steps: int
+    wall_time_s: float
+
+
+def steps_per_epoch(num_train: int, batch_size: int) -> int:
+    """A pseudo-epoch is ceil(n / batch) steps, independent of the sampler (METHODS.md §3.1)."""
+    return math.ceil(num_train / batch_size)
+
+
+def make_batch(data: TrainData, index: torch.Tensor, generator: torch.Generator) -> Batch:
+    """Gather, augment and normalise the images of ``index`` ((B,) or (B, k)) plus their targets."""
+    flat = index.reshape(-1).to(data.train_images.device)
+    images = random_crop_flip(data.train_images[flat], data.padding, data.hflip, generator)
+    images = normalize(images, data.mean, data.std).reshape(*index.shape, *data.train_images.shape[1:])
+    teacher = None if data.teacher_logits is None else data.teacher_logits[flat].reshape(*index.shape, -1)
+    feats = {k: v[flat].reshape(*index.shape, *v.shape[1:]) for k, v in data.teacher_features.items()}
+    return Batch(
+        index=index,
+        images=images,
+        labels=data.train_labels[flat].reshape(index.shape),
+        num_classes=data.num_classes,
+        teacher_logits=teacher,
+        teacher_features=feats,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 1000,
+) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) of ``model`` on uint8 ``images``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    top1 = top5 = 0
+    device = next(model.parameters()).device
+    for start in range(0, images.shape[0], batch_size):
+        x = normalize(images[start : start + batch_size].to(device), mean, std)
+        y = labels[start : start + batch_size].to(device)
+        logits = model(x).logits
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += (top[:, 0] == y).sum().item()
+        top5 += (top == y[:, None]).any(dim=1).sum().item()
+    model.train(was_training)
+    n = max(1, images.shape[0])
+    return 100.0 * top1 / n, 100.0 * top5 / n
+
+
+def trainable_state(student: nn.Module, extra: nn.Module) -> dict:
+    """A detached copy of the student's and extra modules' state (restored at phase ends)."""
+    return {"student": copy.deepcopy(student.state_dict()), "extra": copy.deepcopy(extra.state_dict())}
+
+
+def load_trainable_state(student: nn.Module, extra: nn.Module, state: dict) -> None:
+    student.load_state_dict(state["student"])
+    extra.load_state_dict(state["extra"])
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+EpochCallback = Callable[[dict], None]
+
+
+def fit(
+    student: nn.Module,
+    method: Method,
+    data: TrainData,
+    cfg: TrainConfig,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+) -> FitResult:
+    """Train ``student`` with ``method`` under the FTI-KD schedule; leaves the best weights loaded."""
+    device = torch.device(cfg.device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    aug_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    student.to(device).train()
+    method.setup(
+        MethodContext(
+            num_train=data.num_train,
+            num_classes=data.num_classes,
+            batch_size=cfg.batch_size,
+            student=student,
+            device=device,
+            teacher_feature_shapes={k: tuple(v.shape[1:]) for k, v in data.teacher_features.items()},
+        )
+    )
+    extra = method.modules().to(device).train()
+    params = list(student.parameters()) + list(extra.parameters())
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sampler = method.sampler(data.num_train, cfg.batch_size, generator)
+    epoch_steps = steps_per_epoch(data.num_train, cfg.batch_size)
+
+    best_val, best_epoch, last_improve, phase = -1.0, 0, 0, 0
+    best_state = trainable_state(student, extra)
+    history: list[dict] = []
+    started = time.perf_counter()
+    epoch = 0
+    while phase < cfg.phases and epoch < cfg.max_epochs:
+        lr = cfg.lr * cfg.lr_decay**phase
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(epoch_steps):
+            batch = make_batch(data, sampler.next_batch(), aug_generator)
+            terms = method.loss(student, batch)
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach()
+        epoch += 1
+        val_acc, _ = evaluate(
+            student, data.val_images, data.val_labels, data.mean, data.std, cfg.eval_batch_size
+        )
+        improved = val_acc > best_val
+        if improved:
+            best_val, best_epoch, last_improve = val_acc, epoch, epoch
+            best_state = trainable_state(student, extra)
+        record = {
+            "epoch": epoch,
+            "phase": phase,
+            "lr": lr,
+            "val_acc": val_acc,
+            "improved": improved,
+            "time_s": round(time.perf_counter() - started, 3),
+            **{name: float(total) / epoch_steps for name, total in sums.items()},
+        }
+        if not math.isfinite(sum(float(v) for v in sums.values())):
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}: {record}")
+        if epoch - last_improve >= cfg.patience:
+            load_trainable_state(student, extra, best_state)
+            last_improve, phase = epoch, phase + 1
+            set_lr(optimizer, cfg.lr * cfg.lr_decay**phase)
+            record["phase_end"] = True
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    load_trainable_state(student, extra, best_state)
+    return FitResult(
+        history=history,
+        best_val_acc=best_val,
+        best_epoch=best_epoch,
+        epochs=epoch,
+        steps=epoch * epoch_steps,
+        wall_time_s=time.perf_counter() - started,
+    )

@@ -1,0 +1,278 @@
+"""One distillation run under a teacher-call budget, from config to JSON record (DESIGN.md data flow).
+
+dataset -> FTI split (n train + n/4 val, by seed) -> TeacherStore.fill (at most n calls, durable)
+-> student built right after re-seeding (same init for every method) -> engine.fit -> test top-1/5
+at the best validation point -> RunRecord JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftikd.data import ImageDataset, fti_split, load_dataset, normalize, view_crop_flip
+from ftikd.engine.record import library_versions, write_json
+from ftikd.engine.trainer import TrainConfig, TrainData, evaluate, fit
+from ftikd.errors import FtikdError
+from ftikd.methods import Method, build_method
+from ftikd.models import build_model
+from ftikd.teacher import Teacher, TeacherStore
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; a run record's ``config`` block loads back into this."""
+
+    teacher: str | None = None
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    student: str = "resnet8"
+    method: str = "ckd"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    calls: int = 2000
+    seed: int = 1
+    view: int = 0
+    store: str | None = None
+    out: str = "results/runs"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Build from a plain dict (a config file or a run record's ``config`` block)."""
+        raw = dict(raw.get("config", raw))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise FtikdError(
+                f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+            )
+        train_raw = raw.pop("train", {}) or {}
+        train_known = {f.name for f in dataclasses.fields(TrainConfig)}
+        bad = sorted(set(train_raw) - train_known)
+        if bad:
+            raise FtikdError(
+                f"unknown train key(s) {', '.join(bad)}; valid keys: {', '.join(sorted(train_known))}"
+            )
+        return cls(**raw, train=TrainConfig(**train_raw))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunConfig:
+        """Load a JSON or YAML config (or a run record) from ``path``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FtikdError(
+                f"config file {path} does not exist; pass the path of a JSON/YAML config or run record"
+            )
+        text = path.read_text(errors="replace")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                raw = yaml.safe_load(text)
+            else:
+                raw = json.loads(text)
+        except Exception as exc:
+            raise FtikdError(
+                f"config file {path} is not valid JSON/YAML ({exc.__class__.__name__}); fix its syntax"
+            ) from None
+        if not isinstance(raw, dict):
+            raise FtikdError(f"config file {path} must hold a mapping of keys to values")
+        return cls.from_dict(raw)
+
+    def run_name(self) -> str:
+        """File-name-safe run id: method and its non-default options, budget, seed."""
+        opts = "".join(f"-{k}{v}" for k, v in sorted(self.method_options.items()))
+        raw = f"{self.dataset}-{self.student}-{self.method}{opts}-n{self.calls}-s{self.seed}"
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", raw)
+
+
+@dataclass
+class RunResult:
+    """The numbers of a finished run, and where its record lies."""
+
+    record: dict[str, Any]
+    path: Path
+
+    @property
+    def test_top1(self) -> float:
+        return float(self.record["metrics"]["test_top1"])
+
+
+def default_store_path(out: str, dataset: str, fingerprint: str) -> Path:
+    """Stores live next to the run records and are shared by every run with this teacher and dataset."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset)
+    return Path(out).parent / "stores" / f"{slug}-{fingerprint}.sqlite"
+
+
+def teacher_view_images(dataset: ImageDataset, view: int, device: torch.device):
+    """Function mapping dataset indices to the teacher's one fixed augmented view, normalised.
+
+    The crop offsets and flip of sample i depend only on (i, view), so the cached output of a sample
+    is the same whichever run, batch or order asked for it first.
+    """
+
+    def images_for(indices: torch.Tensor) -> torch.Tensor:
+        x = view_crop_flip(dataset.train_images[indices], indices, view, dataset.crop_padding, dataset.hflip)
+        return normalize(x.to(device), dataset.mean, dataset.std)
+
+    return images_for
+
+
+def cached_teacher_outputs(
+    cfg: RunConfig, dataset: ImageDataset, train_idx: torch.Tensor, method: Method, teacher: Teacher | None
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, Any]]:
+    """Fill the store for this run's n samples (paying only what is missing) and read them back."""
+    if not method.needs_teacher:
+        return None, {}, {"budget": cfg.calls, "outputs_used": 0, "paid_this_run": 0}
+    if teacher is None:
+        if not cfg.teacher:
+            raise FtikdError(
+                f"method {cfg.method!r} needs a teacher; pass --teacher PATH (see ftikd train-teacher)"
+            )
+        teacher = Teacher.from_checkpoint(
+            cfg.teacher, feature_names=method.teacher_features, device=cfg.train.device
+        )
+    store_path = (
+        Path(cfg.store) if cfg.store else default_store_path(cfg.out, cfg.dataset, teacher.fingerprint)
+    )
+    device = torch.device(cfg.train.device)
+    with TeacherStore.open(
+        store_path,
+        teacher.fingerprint,
+        cfg.dataset,
+        dataset.num_classes,
+        feature_names=method.teacher_features,
+    ) as store:
+        paid = store.fill(
+            train_idx,
+            cfg.view,
+            teacher_view_images(dataset, cfg.view, device),
+            teacher,
+            budget=cfg.calls,
+        )
+        logits = store.logits(train_idx, cfg.view, device=device)
+        feats = {
+            name: store.features(train_idx, cfg.view, name).to(device) for name in method.teacher_features
+        }
+        total_paid = store.paid_calls()
+    calls = {
+        "budget": cfg.calls,
+        "outputs_used": int(train_idx.numel()) * method.call_cost,
+        "paid_this_run": paid,
+        "store": str(store_path),
+        "store_paid_total": total_paid,
+        "teacher_fingerprint": teacher.fingerprint,
+        "teacher_name": teacher.name,
+    }
+    return logits, feats, calls
+
+
+def run_distillation(
+    cfg: RunConfig,
+    teacher: Teacher | None = None,
+    dataset: ImageDataset | None = None,
+    progress: bool = True,
+    write: bool = True,
+) -> RunResult:
+    """Run one budgeted distillation and write its JSON record under ``cfg.out``."""
+    started = time.perf_counter()
+    method = build_method(cfg.method, **cfg.method_options)
+    dataset = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
+    split = fti_split(dataset.train_images.shape[0], cfg.calls, cfg.seed)
+    device = torch.device(cfg.train.device)
+    logits, feats, calls = cached_teacher_outputs(cfg, dataset, split.train_idx, method, teacher)
+
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg.student, in_channels=dataset.channels, num_classes=dataset.num_classes).to(
+        device
+    )
+    data = TrainData(
+        train_images=dataset.train_images[split.train_idx].to(device),
+        train_labels=dataset.train_labels[split.train_idx].to(device),
+        val_images=dataset.train_images[split.val_idx].to(device),
+        val_labels=dataset.train_labels[split.val_idx].to(device),
+        mean=dataset.mean,
+        std=dataset.std,
+        num_classes=dataset.num_classes,
+        hflip=dataset.hflip,
+        padding=dataset.crop_padding,
+        teacher_logits=logits,
+        teacher_features=feats,
+    )
+    bar = _RunProgress(cfg) if progress else None
+    try:
+        result = fit(student, method, data, cfg.train, cfg.seed, on_epoch=bar.update_record if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    top1, top5 = evaluate(
+        student,
+        dataset.test_images,
+        dataset.test_labels,
+        dataset.mean,
+        dataset.std,
+        cfg.train.eval_batch_size,
+    )
+    record = {
+        "run": cfg.run_name(),
+        "config": dataclasses.asdict(cfg),
+        "method": method.describe(),
+        "protocol": {
+            "split": "FTI-KD: n train samples + n//4 validation samples by seed; full test split",
+            "n_train": int(split.train_idx.numel()),
+            "n_val": int(split.val_idx.numel()),
+            "n_test": int(dataset.test_images.shape[0]),
+            "selection": "test accuracy at the best validation accuracy",
+        },
+        "metrics": {
+            "test_top1": top1,
+            "test_top5": top5,
+            "best_val_acc": result.best_val_acc,
+            "best_epoch": result.best_epoch,
+            "epochs": result.epochs,
+            "steps": result.steps,
+        },
+        "teacher_calls": calls,
+        "history": result.history,
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "train_time_s": round(result.wall_time_s, 3),
+        "versions": library_versions(),
+    }
+    path = Path(cfg.out) / f"{cfg.run_name()}.json"
+    if write:
+        write_json(path, record)
+    return RunResult(record, path)
+
+
+class _RunProgress:
+    """A tqdm bar over pseudo-epochs showing phase, loss terms and validation accuracy."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=cfg.train.max_epochs, desc=cfg.run_name(), leave=False, unit="ep", dynamic_ncols=True
+        )
+        self.best = -1.0
+
+    def update_record(self, record: dict) -> None:
+        self.best = max(self.best, record["val_acc"])
+        terms = {
+            k: f"{v:.3g}"
+            for k, v in record.items()
+            if isinstance(v, float) and k not in ("lr", "val_acc", "time_s")
+        }
+        self.bar.set_postfix(
+            phase=record["phase"], val=f"{record['val_acc']:.1f}", best=f"{self.best:.1f}", **terms
+        )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

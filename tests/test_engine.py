@@ -1,0 +1,75 @@
+"""The FTI-KD schedule: pseudo-epochs, patience in evaluations, phases, best-checkpoint restore."""
+
+import pytest
+import torch
+
+from ftikd.engine.trainer import TrainConfig, TrainData, evaluate, fit, steps_per_epoch
+from ftikd.methods import build_method
+from ftikd.models import build_model
+
+
+def tiny_data(n=40, n_val=10, classes=3, teacher=True):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, classes, (n + n_val,), generator=g)
+    images = (torch.rand(n + n_val, 1, 8, 8, generator=g) * 60).to(torch.uint8)
+    images[torch.arange(n + n_val), 0, labels * 2, :] = 255  # a learnable stripe per class
+    return TrainData(
+        train_images=images[:n],
+        train_labels=labels[:n],
+        val_images=images[n:],
+        val_labels=labels[n:],
+        mean=(0.3,),
+        std=(0.3,),
+        num_classes=classes,
+        hflip=False,
+        teacher_logits=torch.nn.functional.one_hot(labels[:n], classes).float() * 5 if teacher else None,
+    )
+
+
+def test_steps_per_epoch():
+    assert steps_per_epoch(500, 64) == 8
+    assert steps_per_epoch(2000, 64) == 32
+    assert steps_per_epoch(64, 64) == 1
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "ckd", "ckd-inbatch"])
+def test_schedule_phases_lr_and_best_restore(method):
+    data = tiny_data()
+    torch.manual_seed(0)
+    student = build_model("resnet8", in_channels=1, num_classes=3)
+    cfg = TrainConfig(batch_size=16, lr=0.05, patience=2, phases=3, max_epochs=200)
+    result = fit(student, build_method(method), data, cfg, seed=0)
+    ends = [h for h in result.history if h.get("phase_end")]
+    assert len(ends) == 3  # training stops at the third phase end
+    assert sorted({h["lr"] for h in result.history}, reverse=True) == pytest.approx([0.05, 0.005, 0.0005])
+    # a phase ends exactly `patience` evaluations after the last improvement
+    for end in ends:
+        before = [h for h in result.history if h["epoch"] <= end["epoch"] and h["phase"] == end["phase"]]
+        last_gain = max((h["epoch"] for h in before if h["improved"]), default=before[0]["epoch"] - 1)
+        start = before[0]["epoch"] - 1
+        assert end["epoch"] - max(last_gain, start) == cfg.patience
+    # the returned weights are the best-validation ones
+    val, _ = evaluate(student, data.val_images, data.val_labels, data.mean, data.std)
+    assert val == pytest.approx(result.best_val_acc)
+    assert result.steps == result.epochs * steps_per_epoch(40, 16)
+
+
+def test_max_epochs_caps_training():
+    data = tiny_data()
+    student = build_model("resnet8", in_channels=1, num_classes=3)
+    result = fit(
+        student, build_method("ce"), data, TrainConfig(batch_size=16, patience=100, max_epochs=3), seed=0
+    )
+    assert result.epochs == 3
+
+
+def test_same_seed_same_numbers():
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        student = build_model("resnet8", in_channels=1, num_classes=3)
+        result = fit(
+            student, build_method("ckd", k=3), tiny_data(), TrainConfig(batch_size=8, max_epochs=3), seed=5
+        )
+        runs.append([(h["val_acc"], h["ckd_teacher"]) for h in result.history])
+    assert runs[0] == runs[1]
