@@ -37,6 +37,12 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def _parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name:key=value,key=value`` -> (name, options)."""
+    name, _, opts = spec.partition(":")
+    return name, _parse_options([o for o in opts.split(",") if o]) if opts else {}
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training schedule (FTI-KD protocol defaults)")
     g.add_argument("--lr", type=float, help="initial learning rate (default 0.05)")
@@ -82,6 +88,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg.seeds = args.seeds
     if args.teacher_epochs:
         cfg.teacher_epochs = args.teacher_epochs
+    if args.teacher:
+        cfg.teacher = args.teacher
+    if args.methods:
+        cfg.methods = [_parse_method_spec(spec) for spec in args.methods]
     run_demo(cfg, progress=not args.no_progress)
     return 0
 
@@ -178,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=int, nargs="+", help="teacher-call budgets n (default 500 2000)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 1 2 3)")
     p.add_argument("--teacher-epochs", type=int, help="teacher training epochs")
+    p.add_argument("--teacher", help="use this teacher checkpoint instead of training/reusing the demo's")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="SPEC",
+        help="methods to compare, e.g. ce kd ckd:k=3 ckd-inbatch (default ce kd ckd)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_train_flags(p)
     p.set_defaults(func=cmd_demo)

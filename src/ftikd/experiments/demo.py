@@ -38,10 +38,13 @@ class DemoConfig:
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     train: TrainConfig = field(default_factory=lambda: TrainConfig(patience=8, phases=3, max_epochs=60))
     out: str = "results/demo"
+    teacher: str | None = None
 
 
 def demo_teacher(cfg: DemoConfig, progress: bool) -> tuple[Path, dict]:
     """Reuse the cached demo teacher when its metadata matches, else train and save it."""
+    if cfg.teacher:
+        return Path(cfg.teacher), read_checkpoint_meta(cfg.teacher)
     path = Path(cfg.out) / "teacher" / f"{cfg.dataset}-{cfg.teacher_arch}-e{cfg.teacher_epochs}.safetensors"
     if path.exists():
         try:

@@ -187,12 +187,12 @@ def run_distillation(
     dataset = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
     split = fti_split(dataset.train_images.shape[0], cfg.calls, cfg.seed)
     device = torch.device(cfg.train.device)
-    logits, feats, calls = cached_teacher_outputs(cfg, dataset, split.train_idx, method, teacher)
-
+    # Re-seed right before building the student so every method starts from the same weights (A12);
+    # built before any teacher call so that a bad student name costs nothing.
     torch.manual_seed(cfg.seed)
-    student = build_model(cfg.student, in_channels=dataset.channels, num_classes=dataset.num_classes).to(
-        device
-    )
+    student = build_model(cfg.student, in_channels=dataset.channels, num_classes=dataset.num_classes)
+    student = student.to(device)
+    logits, feats, calls = cached_teacher_outputs(cfg, dataset, split.train_idx, method, teacher)
     data = TrainData(
         train_images=dataset.train_images[split.train_idx].to(device),
         train_labels=dataset.train_labels[split.train_idx].to(device),

@@ -1,0 +1,131 @@
+"""A tiny end-to-end distillation on sklearn digits: teacher, budgeted store, every method, records."""
+
+import json
+
+import pytest
+import torch
+
+from ftikd.cli import main
+from ftikd.data import load_dataset
+from ftikd.engine.trainer import TrainConfig
+from ftikd.experiments.run import RunConfig, run_distillation
+from ftikd.teacher import Teacher, TeacherStore, read_checkpoint_meta
+from ftikd.teacher.train import TeacherTrainConfig, train_teacher
+
+N = 160
+FAST = TrainConfig(patience=3, phases=2, max_epochs=12, lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory, digits):
+    path = tmp_path_factory.mktemp("teacher") / "digits-resnet8.safetensors"
+    train_teacher(
+        TeacherTrainConfig(dataset="digits", arch="resnet8", epochs=12, out=str(path)), digits, progress=False
+    )
+    return path
+
+
+def test_teacher_checkpoint_has_metadata_and_learns(teacher_path):
+    meta = read_checkpoint_meta(teacher_path)
+    assert meta["arch"] == "resnet8" and meta["dataset"] == "digits" and len(meta["fingerprint"]) >= 16
+    assert meta["test_acc"] > 60.0
+
+
+class CountingTeacher(Teacher):
+    """The checkpoint teacher, counting the images it is really called on."""
+
+    def __init__(self, base: Teacher):
+        self.seen = 0
+
+        def fn(x):
+            self.seen += x.shape[0]
+            return base(x)
+
+        super().__init__(fn, base.fingerprint, base.name)
+
+
+def test_every_method_within_budget_and_store_shared(tmp_path, digits, teacher_path):
+    counting = CountingTeacher(Teacher.from_checkpoint(teacher_path))
+    results = {}
+    for method, opts in [
+        ("ce", {}),
+        ("kd", {}),
+        ("ckd", {}),
+        ("ckd", {"k": 3, "form": "kl"}),
+        ("ckd-inbatch", {}),
+    ]:
+        cfg = RunConfig(
+            teacher=str(teacher_path),
+            dataset="digits",
+            method=method,
+            method_options=opts,
+            calls=N,
+            seed=1,
+            out=str(tmp_path / "runs"),
+            train=FAST,
+        )
+        results[(method, opts.get("k", 2))] = run_distillation(
+            cfg, teacher=counting, dataset=digits, progress=False
+        )
+    # the teacher saw each of the n samples exactly once, across all runs
+    assert counting.seen == N
+    paid = [r.record["teacher_calls"]["paid_this_run"] for r in results.values()]
+    assert paid == [0, N, 0, 0, 0]
+    store_path = results[("kd", 2)].record["teacher_calls"]["store"]
+    with TeacherStore.open(store_path, counting.fingerprint, "digits", 10) as store:
+        assert store.count() == N and store.paid_calls() == N
+    for (method, _), result in results.items():
+        rec = json.loads(result.path.read_text())
+        assert rec["protocol"]["n_train"] == N and rec["protocol"]["n_val"] == N // 4
+        assert rec["metrics"]["test_top1"] > 25.0, (method, rec["metrics"])  # well above chance (10%)
+        assert rec["history"] and rec["versions"]["torch"] == torch.__version__
+
+
+def test_record_repeats_run_exactly(tmp_path, digits, teacher_path):
+    cfg = RunConfig(
+        teacher=str(teacher_path),
+        dataset="digits",
+        method="ckd",
+        calls=N,
+        seed=2,
+        out=str(tmp_path / "a"),
+        train=TrainConfig(patience=2, phases=1, max_epochs=4),
+    )
+    first = run_distillation(cfg, dataset=digits, progress=False)
+    again = RunConfig.from_file(first.path)
+    again.out = str(tmp_path / "b")
+    second = run_distillation(again, dataset=digits, progress=False)
+    assert second.record["metrics"] == first.record["metrics"]
+    assert second.record["teacher_calls"]["paid_this_run"] == 0  # reused from the shared store
+
+
+def test_cli_distill_and_methods(tmp_path, teacher_path, capsys):
+    code = main(
+        [
+            "distill",
+            "--dataset",
+            "digits",
+            "--teacher",
+            str(teacher_path),
+            "--method",
+            "ckd-inbatch",
+            "--calls",
+            "80",
+            "--max-epochs",
+            "2",
+            "--out",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "test top-1" in out and "80 paid now" in out
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("ce", "kd", "ckd", "ckd-inbatch"):
+        assert f"\n{name} " in listing
