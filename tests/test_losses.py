@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ftikd.losses import ckd_group_loss, ckd_inbatch_loss, compare_groups, kd_loss
+from ftikd.losses import ckd_group_loss, ckd_inbatch_loss, compare_groups, kd_loss, logit_offset_loss
 
 rng = np.random.default_rng(0)
 
@@ -122,3 +122,21 @@ def test_inbatch_mse_gradient_matches_explicit_pairs():
     i, j = torch.triu_indices(5, 5, 1)
     (((s[i] - s[j]) - (t[i] - t[j])) ** 2).mean().backward()
     assert torch.allclose(fast, s.grad)
+
+
+def test_offset_term_is_the_missing_direction_of_inbatch_ckd():
+    # sum_i |e_i|^2 = sum_i |e_i - e_bar|^2 + B |e_bar|^2: per-sample logit MSE = centred part + offset
+    b, c = 9, 6
+    s, t = torch.randn(b, c, dtype=torch.float64), torch.randn(b, c, dtype=torch.float64)
+    pair = ckd_inbatch_loss(s, t, torch.zeros(b, c, dtype=torch.float64))["ckd_teacher"].item()
+    offset = logit_offset_loss(s, t).item()
+    per_sample = ((s - t) ** 2).mean().item()
+    centred = ((s - t) - (s - t).mean(0)).pow(2).mean().item()
+    assert centred == pytest.approx(pair * (b - 1) / (2 * b), rel=1e-6)
+    assert per_sample == pytest.approx(centred + offset, rel=1e-6)
+    # the offset term sees a shared shift that CKD cannot
+    shift = torch.randn(c, dtype=torch.float64)
+    assert ckd_inbatch_loss(s + shift, t, torch.zeros(b, c, dtype=torch.float64))["ckd_teacher"].item() == (
+        pytest.approx(pair)
+    )
+    assert logit_offset_loss(s + shift, t).item() != pytest.approx(offset)

@@ -110,6 +110,18 @@ def ckd_group_loss(
     )
 
 
+def logit_offset_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """MSE between the batch-mean student and teacher logit vectors (ftikd extension, not in CKD).
+
+    Difference-only CKD objectives are blind to a logit offset shared by all samples (METHODS.md
+    M2.7, A37), which shifts argmax predictions. This term constrains exactly that direction, from
+    the cached teacher outputs, without a per-sample target. Leading dims are flattened.
+    """
+    c = student_logits.shape[-1]
+    s_mean = student_logits.reshape(-1, c).float().mean(dim=0)
+    return F.mse_loss(s_mean, teacher_logits.reshape(-1, c).float().mean(dim=0))
+
+
 def _pairwise_mse_mean(residual: torch.Tensor) -> torch.Tensor:
     """Mean over unordered pairs i<j and classes of ((r_i - r_j))^2, in O(B*C).
 

@@ -13,36 +13,57 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ftikd.losses import ckd_group_loss, group_split_sizes
+from ftikd.losses import ckd_group_loss, group_split_sizes, logit_offset_loss
 from ftikd.methods.base import Batch, Method, MethodConfig, forward_student, register_method
 from ftikd.methods.samplers import FixedSetSampler, IndexSampler, build_groups
 
 
 @dataclass
-class CKDConfig(MethodConfig):
-    k: int = 2
+class CKDLossConfig(MethodConfig):
+    """Loss options shared by group and in-batch CKD.
+
+    ``w_offset`` > 0 adds ftikd's offset term (:func:`ftikd.losses.logit_offset_loss`, not in the
+    paper); the default 0 is the authors' objective.
+    """
+
     form: str = "mse"
-    comparison: str = "difference"
-    max_groups: int = 100_000
     temperature: float = 4.0
     w_label: float = 1.0
     w_teacher: float = 1.0
+    w_offset: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.k < 2:
-            raise ValueError("CKD needs k >= 2")
         if self.form not in ("mse", "kl"):
             raise ValueError("CKD form must be 'mse' or 'kl'")
+
+
+@dataclass
+class CKDConfig(CKDLossConfig):
+    k: int = 2
+    comparison: str = "difference"
+    max_groups: int = 100_000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 2:
+            raise ValueError("CKD needs k >= 2")
         if self.comparison not in ("difference", "addition", "interpolation"):
             raise ValueError("CKD comparison must be difference, addition or interpolation")
+        if self.max_groups < 1:
+            raise ValueError("max_groups must be positive")
 
 
-def ckd_weighted_terms(terms: dict[str, torch.Tensor], cfg: CKDConfig) -> dict[str, torch.Tensor]:
-    """Apply the label and teacher weights to the two CKD terms."""
-    return {
-        "ckd_label": cfg.w_label * terms["ckd_label"],
-        "ckd_teacher": cfg.w_teacher * terms["ckd_teacher"],
-    }
+def ckd_weighted_terms(
+    terms: dict[str, torch.Tensor],
+    cfg: CKDLossConfig,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Apply the label and teacher weights, and add the offset term when ``w_offset`` > 0."""
+    out = {"ckd_label": cfg.w_label * terms["ckd_label"], "ckd_teacher": cfg.w_teacher * terms["ckd_teacher"]}
+    if cfg.w_offset > 0:
+        out["offset"] = cfg.w_offset * logit_offset_loss(student_logits, teacher_logits)
+    return out
 
 
 @register_method
@@ -59,17 +80,14 @@ class CKD(Method):
     def loss(self, student: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.config
         a, _ = group_split_sizes(cfg.k)
-        logits = torch.cat(
-            [
-                forward_student(student, batch.images[:, :a]).logits,
-                forward_student(student, batch.images[:, a:]).logits,
-            ],
-            dim=1,
-        )
-        lam = None
-        if cfg.comparison == "interpolation":
-            lam = float(torch.rand((), device="cpu"))
+        halves = [
+            forward_student(student, batch.images[:, :a]),
+            forward_student(student, batch.images[:, a:]),
+        ]
+        logits = torch.cat([h.logits for h in halves], dim=1)
+        # the interpolation weight is drawn once per batch, as in the authors' code (A5)
+        lam = float(torch.rand(())) if cfg.comparison == "interpolation" else None
         terms = ckd_group_loss(
             logits, batch.teacher_logits, batch.onehot(), cfg.comparison, cfg.form, cfg.temperature, lam
         )
-        return ckd_weighted_terms(terms, cfg)
+        return ckd_weighted_terms(terms, cfg, logits, batch.teacher_logits)
