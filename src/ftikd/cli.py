@@ -14,35 +14,6 @@ from typing import Any
 from ftikd.errors import FtikdError
 
 
-def _parse_value(text: str) -> Any:
-    """Interpret a ``key=value`` option value as int, float, bool or string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise FtikdError(f"method option {pair!r} must look like key=value, e.g. --opt k=3")
-        options[key.strip()] = _parse_value(value.strip())
-    return options
-
-
-def _parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``name`` or ``name:key=value,key=value`` -> (name, options)."""
-    name, _, opts = spec.partition(":")
-    return name, _parse_options([o for o in opts.split(",") if o]) if opts else {}
-
-
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training schedule (FTI-KD protocol defaults)")
     g.add_argument("--lr", type=float, help="initial learning rate (default 0.05)")
@@ -74,7 +45,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ftikd.experiments.demo import DemoConfig, run_demo
+    from ftikd.experiments.demo import DemoConfig, MethodSpec, run_demo
 
     cfg = DemoConfig()
     cfg.train = dataclasses.replace(cfg.train, **_train_overrides(args))
@@ -91,7 +62,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.teacher:
         cfg.teacher = args.teacher
     if args.methods:
-        cfg.methods = [_parse_method_spec(spec) for spec in args.methods]
+        cfg.methods = [MethodSpec.parse(spec) for spec in args.methods]
+    if args.lr is not None:  # an explicit --lr applies to every method
+        cfg.methods = [dataclasses.replace(spec, lr=None) for spec in cfg.methods]
     run_demo(cfg, progress=not args.no_progress)
     return 0
 
@@ -120,6 +93,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from ftikd.experiments.demo import parse_options
     from ftikd.experiments.run import RunConfig, run_distillation
 
     cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
@@ -139,7 +113,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(cfg, flag, value)
     if args.opt:
-        cfg.method_options = {**cfg.method_options, **_parse_options(args.opt)}
+        cfg.method_options = {**cfg.method_options, **parse_options(args.opt)}
     cfg.train = dataclasses.replace(cfg.train, **_train_overrides(args))
     result = run_distillation(cfg, progress=not args.no_progress)
     m, calls = result.record["metrics"], result.record["teacher_calls"]
@@ -193,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         metavar="SPEC",
-        help="methods to compare, e.g. ce kd ckd:k=3 ckd-inbatch (default ce kd ckd)",
+        help="methods to compare, e.g. ce kd ckd:k=3,lr=0.01 ckd-inbatch (default: see README)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_train_flags(p)
