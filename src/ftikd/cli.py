@@ -14,8 +14,8 @@ from typing import Any
 from ftikd.errors import FtikdError
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training schedule (FTI-KD protocol defaults)")
+def _add_train_flags(p: argparse.ArgumentParser, title: str) -> None:
+    g = p.add_argument_group(title)
     g.add_argument("--lr", type=float, help="initial learning rate (default 0.05)")
     g.add_argument("--batch-size", type=int, help="rows per step: images, or groups for CKD (default 64)")
     g.add_argument(
@@ -80,6 +80,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         lr=args.lr,
         batch_size=args.batch_size,
         schedule=args.schedule,
+        milestones=args.milestones,
         seed=args.seed,
         device=args.device,
         out=args.out,
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="methods to compare, e.g. ce kd ckd:k=3,lr=0.01 ckd-inbatch (default: see README)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_train_flags(p)
+    _add_train_flags(p, "training schedule (demo defaults: patience 5, 3 phases, at most 40 pseudo-epochs)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -185,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"])
+    p.add_argument(
+        "--milestones",
+        type=int,
+        nargs="+",
+        default=[150, 180, 210],
+        help="epochs of x0.1 LR steps for multistep",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
@@ -211,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="folder for the run record (default results/runs)")
     p.add_argument("--no-progress", action="store_true")
-    _add_train_flags(p)
+    _add_train_flags(p, "training schedule (defaults: the FTI-KD protocol)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("methods", help="list the registered methods")
