@@ -49,18 +49,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig()
     cfg.train = dataclasses.replace(cfg.train, **_train_overrides(args))
-    if args.data_dir:
-        cfg.data_dir = args.data_dir
-    if args.out:
-        cfg.out = args.out
-    if args.budgets:
-        cfg.budgets = args.budgets
-    if args.seeds:
-        cfg.seeds = args.seeds
-    if args.teacher_epochs:
-        cfg.teacher_epochs = args.teacher_epochs
-    if args.teacher:
-        cfg.teacher = args.teacher
+    for flag in ("data_dir", "out", "budgets", "seeds", "teacher_epochs", "teacher"):
+        if getattr(args, flag):
+            setattr(cfg, flag, getattr(args, flag))
     if args.methods:
         cfg.methods = [MethodSpec.parse(spec) for spec in args.methods]
     if args.lr is not None:  # an explicit --lr applies to every method

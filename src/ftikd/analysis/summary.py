@@ -55,7 +55,10 @@ def load_records(folder: str | Path) -> list[dict[str, Any]]:
 
 
 def summarise(records: list[dict[str, Any]]) -> list[Cell]:
-    """Group records by (method label, n) and collect test top-1 over seeds."""
+    """Group records by (method label, n) and collect test top-1 over seeds.
+
+    Cells are ordered by n, and within one n by the order methods first appear in ``records``.
+    """
     groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for rec in records:
         groups[(method_label(rec), int(rec["config"]["calls"]))].append(rec)
@@ -67,7 +70,7 @@ def summarise(records: list[dict[str, Any]]) -> list[Cell]:
             paid=sum(int(r["teacher_calls"].get("outputs_used", 0)) for r in recs) // len(recs),
             wall_s=sum(r["wall_time_s"] for r in recs),
         )
-        for (label, calls), recs in sorted(groups.items())
+        for (label, calls), recs in sorted(groups.items(), key=lambda item: item[0][1])
     ]
 
 

@@ -143,42 +143,45 @@ def _find_cifar(data_dir: Path | None, folder_name: str, marker: str, archive: s
     )
 
 
-@register_dataset("cifar10")
-def _load_cifar10(data_dir: Path | None, arg: str | None) -> ImageDataset:
-    """CIFAR-10 from ``cifar-10-batches-py`` (default under ``./data``)."""
-    folder = _find_cifar(
-        data_dir, "cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz", "CIFAR-10"
-    )
-    train_x, train_y, test_x, test_y, classes = read_cifar_dir(folder, "cifar10")
+_CIFAR = {
+    # name: (folder, marker file, archive, label, mean, std)
+    "cifar10": (
+        "cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz", "CIFAR-10",
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+    ),
+    "cifar100": (
+        "cifar-100-python", "train", "cifar-100-python.tar.gz", "CIFAR-100",
+        (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761),
+    ),
+}  # fmt: skip
+
+
+def _load_cifar(name: str, data_dir: Path | None) -> ImageDataset:
+    """CIFAR-10 / CIFAR-100 (fine labels) in the authors' python layout (default under ``./data``)."""
+    folder_name, marker, archive, label, mean, std = _CIFAR[name]
+    folder = _find_cifar(data_dir, folder_name, marker, archive, label)
+    train_x, train_y, test_x, test_y, classes = read_cifar_dir(folder, name)
     return ImageDataset(
-        name="cifar10",
+        name=name,
         train_images=train_x,
         train_labels=train_y,
         test_images=test_x,
         test_labels=test_y,
         classes=classes,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
+        mean=mean,
+        std=std,
         hflip=True,
     )
+
+
+@register_dataset("cifar10")
+def _load_cifar10(data_dir: Path | None, arg: str | None) -> ImageDataset:
+    return _load_cifar("cifar10", data_dir)
 
 
 @register_dataset("cifar100")
 def _load_cifar100(data_dir: Path | None, arg: str | None) -> ImageDataset:
-    """CIFAR-100 (fine labels) from ``cifar-100-python`` (default under ``./data``)."""
-    folder = _find_cifar(data_dir, "cifar-100-python", "train", "cifar-100-python.tar.gz", "CIFAR-100")
-    train_x, train_y, test_x, test_y, classes = read_cifar_dir(folder, "cifar100")
-    return ImageDataset(
-        name="cifar100",
-        train_images=train_x,
-        train_labels=train_y,
-        test_images=test_x,
-        test_labels=test_y,
-        classes=classes,
-        mean=(0.5071, 0.4867, 0.4408),
-        std=(0.2675, 0.2565, 0.2761),
-        hflip=True,
-    )
+    return _load_cifar("cifar100", data_dir)
 
 
 # ---------------------------------------------------------------------------------------------- digits

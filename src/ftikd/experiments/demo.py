@@ -14,10 +14,11 @@ from typing import Any
 from ftikd.analysis.plot import plot_accuracy_vs_calls
 from ftikd.analysis.summary import format_table, summarise
 from ftikd.data import load_dataset
-from ftikd.engine.record import atomic_write_text, write_json
+from ftikd.engine.record import write_json
 from ftikd.engine.trainer import TrainConfig
 from ftikd.errors import FtikdError
 from ftikd.experiments.run import RunConfig, run_distillation
+from ftikd.fileio import atomic_write_text
 from ftikd.teacher import Teacher, read_checkpoint_meta
 from ftikd.teacher.train import TeacherTrainConfig, train_teacher
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ftikd.errors import FtikdError
+from ftikd.fileio import atomic_write_bytes
 from ftikd.teacher.fingerprint import state_fingerprint
 
 META_KEY = "ftikd_meta"
@@ -35,39 +35,6 @@ def _ftikd_version() -> str:
     from ftikd import __version__
 
     return __version__
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (no-op where directories can't be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def _cpu_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -96,7 +63,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], meta: dict[s
     except TypeError as e:
         raise ValueError(f"save_checkpoint meta must be JSON-serialisable: {e}") from e
     data = st_save(state, metadata={"format": "pt", META_KEY: encoded})
-    _atomic_write_bytes(Path(path), data)
+    atomic_write_bytes(Path(path), data)
     return full
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ftikd.errors import BudgetExceededError, FtikdError
+from ftikd.fileio import fsync_dir
 from ftikd.teacher.teacher import Teacher, TeacherOutputError, coerce_output
 
 FORMAT_VERSION = "1"
@@ -104,19 +105,6 @@ def _begin_write(conn: sqlite3.Connection, path: Path, progress: Callable[[], in
                 f"store {path} has been locked by another process for over {_STALL_S:.0f}s without progress; "
                 f"wait for it to finish or use a different --store path"
             )
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class TeacherStore:
@@ -224,7 +212,7 @@ class TeacherStore:
                 cls._remove_files(p)
             raise
         if initialising:
-            _fsync_dir(p.parent)
+            fsync_dir(p.parent)
         return cls(conn, p, meta)
 
     @staticmethod
