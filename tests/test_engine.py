@@ -73,3 +73,13 @@ def test_same_seed_same_numbers():
         )
         runs.append([(h["val_acc"], h["ckd_teacher"]) for h in result.history])
     assert runs[0] == runs[1]
+
+
+def test_non_finite_loss_names_the_term():
+    from ftikd.errors import FtikdError
+
+    data = tiny_data()
+    data.teacher_logits = data.teacher_logits * float("inf")
+    student = build_model("resnet8", in_channels=1, num_classes=3)
+    with pytest.raises(FtikdError, match=r"loss term\(s\) .*kd.* became non-finite during pseudo-epoch 1"):
+        fit(student, build_method("kd"), data, TrainConfig(batch_size=16, max_epochs=2), seed=0)

@@ -15,7 +15,9 @@ def test_cosine_schedule_endpoints():
 
 def test_multistep_schedule_matches_repdistiller_milestones():
     cfg = TeacherTrainConfig(epochs=240, lr=0.05, schedule="multistep")
-    assert [lr_at(cfg, e) for e in (0, 149.9, 150, 180, 239)] == pytest.approx([0.05, 0.05, 0.005, 0.0005, 0.00005])
+    assert [lr_at(cfg, e) for e in (0, 149.9, 150, 180, 239)] == pytest.approx(
+        [0.05, 0.05, 0.005, 0.0005, 0.00005]
+    )
 
 
 def test_bad_schedule_is_a_user_error():

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ftikd.data.augment import normalize, random_crop_flip
+from ftikd.errors import FtikdError
 from ftikd.methods.base import Batch, Method, MethodContext
 
 
@@ -138,6 +139,20 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def check_finite(sums: dict[str, torch.Tensor], epoch: int, epoch_steps: int) -> None:
+    """Stop with a user-facing message naming the loss term that became NaN or inf.
+
+    Checked once per pseudo-epoch (a per-step check would force a device sync every step).
+    """
+    bad = [name for name, total in sums.items() if not math.isfinite(float(total))]
+    if bad:
+        first = (epoch - 1) * epoch_steps + 1
+        raise FtikdError(
+            f"loss term(s) {', '.join(bad)} became non-finite during pseudo-epoch {epoch} (steps {first}-"
+            f"{epoch * epoch_steps}); lower --lr or check the teacher outputs"
+        )
+
+
 EpochCallback = Callable[[dict], None]
 
 
@@ -204,8 +219,7 @@ def fit(
             "time_s": round(time.perf_counter() - started, 3),
             **{name: float(total) / epoch_steps for name, total in sums.items()},
         }
-        if not math.isfinite(sum(float(v) for v in sums.values())):
-            raise FloatingPointError(f"non-finite loss at epoch {epoch}: {record}")
+        check_finite(sums, epoch, epoch_steps)
         if epoch - last_improve >= cfg.patience:
             load_trainable_state(student, extra, best_state)
             last_improve, phase = epoch, phase + 1
