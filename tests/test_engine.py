@@ -83,3 +83,54 @@ def test_non_finite_loss_names_the_term():
     student = build_model("resnet8", in_channels=1, num_classes=3)
     with pytest.raises(FtikdError, match=r"loss term\(s\) .*kd.* became non-finite during pseudo-epoch 1"):
         fit(student, build_method("kd"), data, TrainConfig(batch_size=16, max_epochs=2), seed=0)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method,opts", [("kd", {}), ("ckd", {"k": 3, "comparison": "interpolation"})])
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, method, opts):
+    cfg = TrainConfig(batch_size=8, patience=2, phases=2, max_epochs=9)
+
+    def train(checkpoint=None, resume=False, stop_at=None):
+        torch.manual_seed(3)
+        student = build_model("resnet8", in_channels=1, num_classes=3)
+
+        def on_epoch(record):
+            if record["epoch"] == stop_at:
+                raise Killed
+
+        result = fit(student, build_method(method, **opts), tiny_data(), cfg, 3, on_epoch, checkpoint, resume)
+        return result, student
+
+    full, full_student = train()
+    ckpt = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        train(ckpt, stop_at=4)
+    resumed, resumed_student = train(ckpt, resume=True)
+
+    def strip(history):
+        return [{k: v for k, v in h.items() if k != "time_s"} for h in history]
+
+    assert strip(resumed.history) == strip(full.history)
+    assert resumed.best_val_acc == full.best_val_acc and resumed.epochs == full.epochs
+    for a, b in zip(full_student.state_dict().values(), resumed_student.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_unreadable_training_checkpoint_is_a_user_error(tmp_path):
+    from ftikd.errors import FtikdError
+
+    ckpt = tmp_path / "state.pt"
+    ckpt.write_bytes(b"garbage")
+    with pytest.raises(FtikdError, match="delete it to restart"):
+        fit(
+            build_model("resnet8", in_channels=1, num_classes=3),
+            build_method("ce"),
+            tiny_data(),
+            TrainConfig(batch_size=8, max_epochs=1),
+            0,
+            checkpoint=ckpt,
+            resume=True,
+        )

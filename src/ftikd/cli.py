@@ -107,7 +107,23 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.opt:
         cfg.method_options = {**cfg.method_options, **parse_options(args.opt)}
     cfg.train = dataclasses.replace(cfg.train, **_train_overrides(args))
-    result = run_distillation(cfg, progress=not args.no_progress)
+    print_run(run_distillation(cfg, progress=not args.no_progress, resume=args.resume))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from ftikd.experiments.run import pending_runs, run_distillation
+
+    configs = pending_runs(args.path)
+    if not configs:
+        print(f"no unfinished runs at {args.path}")
+    for cfg in configs:
+        print_run(run_distillation(cfg, progress=not args.no_progress, resume=True))
+    return 0
+
+
+def print_run(result) -> None:
+    """One line per finished run: accuracy, best validation point, teacher calls, record path."""
     m, calls = result.record["metrics"], result.record["teacher_calls"]
     print(
         f"{result.record['run']}: test top-1 {m['test_top1']:.2f}%  top-5 {m['test_top5']:.2f}%  "
@@ -115,7 +131,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
         f"{calls['paid_this_run']} paid now, {calls['outputs_used']} used of budget {calls['budget']})"
         f" -> {result.path}"
     )
-    return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -209,9 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--store", help="teacher-output store (default: <out>/../stores/<dataset>-<fingerprint>.sqlite)"
     )
     p.add_argument("--out", help="folder for the run record (default results/runs)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue this run from its last checkpoint if it was killed"
+    )
     p.add_argument("--no-progress", action="store_true")
     _add_train_flags(p, "training schedule (defaults: the FTI-KD protocol)")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("resume", help="continue killed runs from their checkpoints")
+    p.add_argument("path", help="a runs folder (resumes every unfinished run in it) or a <run>.pending.json")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=cmd_methods)

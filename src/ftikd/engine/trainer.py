@@ -10,16 +10,22 @@ Momentum buffers are not restored at a phase end, as in the CKD authors' code (A
 from __future__ import annotations
 
 import copy
+import dataclasses
+import io
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ftikd.data.augment import normalize, random_crop_flip
 from ftikd.errors import FtikdError
+from ftikd.fileio import atomic_write_bytes
 from ftikd.methods.base import Batch, Method, MethodContext
 
 
@@ -156,6 +162,36 @@ def check_finite(sums: dict[str, torch.Tensor], epoch: int, epoch_steps: int) ->
 EpochCallback = Callable[[dict], None]
 
 
+@dataclass
+class LoopState:
+    """The schedule's bookkeeping (METHODS.md §3.1), saved in every resumable checkpoint."""
+
+    epoch: int = 0
+    phase: int = 0
+    best_val: float = -1.0
+    best_epoch: int = 0
+    last_improve: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def save_checkpoint_state(path: Path, state: dict[str, Any]) -> None:
+    """Write a resumable training state atomically (temp file, fsync, rename)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint_state(path: Path) -> dict[str, Any]:
+    """Read a training state with ``weights_only=True``: tensors and plain containers, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FtikdError(
+            f"training checkpoint {path} is unreadable ({exc.__class__.__name__}); delete it to restart"
+        ) from None
+
+
 def fit(
     student: nn.Module,
     method: Method,
@@ -163,8 +199,16 @@ def fit(
     cfg: TrainConfig,
     seed: int,
     on_epoch: EpochCallback | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> FitResult:
-    """Train ``student`` with ``method`` under the FTI-KD schedule; leaves the best weights loaded."""
+    """Train ``student`` with ``method`` under the FTI-KD schedule; leaves the best weights loaded.
+
+    With ``checkpoint``, the whole training state (weights, best weights, optimizer, sampler and
+    RNG states, schedule bookkeeping) is written atomically after every pseudo-epoch; with
+    ``resume`` and an existing checkpoint, training continues from it and, on CPU, ends with the
+    same numbers as an uninterrupted run.
+    """
     device = torch.device(cfg.device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     aug_generator = torch.Generator(device=device).manual_seed(seed + 1)
@@ -185,13 +229,21 @@ def fit(
     sampler = method.sampler(data.num_train, cfg.batch_size, generator)
     epoch_steps = steps_per_epoch(data.num_train, cfg.batch_size)
 
-    best_val, best_epoch, last_improve, phase = -1.0, 0, 0, 0
+    loop = LoopState()
     best_state = trainable_state(student, extra)
-    history: list[dict] = []
-    started = time.perf_counter()
-    epoch = 0
-    while phase < cfg.phases and epoch < cfg.max_epochs:
-        lr = cfg.lr * cfg.lr_decay**phase
+    if resume and checkpoint is not None and checkpoint.exists():
+        saved = load_checkpoint_state(checkpoint)
+        load_trainable_state(student, extra, saved["current"])
+        best_state = saved["best"]
+        optimizer.load_state_dict(saved["optimizer"])
+        sampler.load_state_dict(saved["sampler"])
+        generator.set_state(saved["generator"])
+        aug_generator.set_state(saved["aug_generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        loop = LoopState(**json.loads(saved["loop"]))
+    started = time.perf_counter() - loop.elapsed_s
+    while loop.phase < cfg.phases and loop.epoch < cfg.max_epochs:
+        lr = cfg.lr * cfg.lr_decay**loop.phase
         sums: dict[str, torch.Tensor] = {}
         for _ in range(epoch_steps):
             batch = make_batch(data, sampler.next_batch(), aug_generator)
@@ -202,38 +254,53 @@ def fit(
             optimizer.step()
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
-        epoch += 1
+        loop.epoch += 1
+        check_finite(sums, loop.epoch, epoch_steps)
         val_acc, _ = evaluate(
             student, data.val_images, data.val_labels, data.mean, data.std, cfg.eval_batch_size
         )
-        improved = val_acc > best_val
+        improved = val_acc > loop.best_val
         if improved:
-            best_val, best_epoch, last_improve = val_acc, epoch, epoch
+            loop.best_val, loop.best_epoch, loop.last_improve = val_acc, loop.epoch, loop.epoch
             best_state = trainable_state(student, extra)
         record = {
-            "epoch": epoch,
-            "phase": phase,
+            "epoch": loop.epoch,
+            "phase": loop.phase,
             "lr": lr,
             "val_acc": val_acc,
             "improved": improved,
             "time_s": round(time.perf_counter() - started, 3),
             **{name: float(total) / epoch_steps for name, total in sums.items()},
         }
-        check_finite(sums, epoch, epoch_steps)
-        if epoch - last_improve >= cfg.patience:
+        if loop.epoch - loop.last_improve >= cfg.patience:
             load_trainable_state(student, extra, best_state)
-            last_improve, phase = epoch, phase + 1
-            set_lr(optimizer, cfg.lr * cfg.lr_decay**phase)
+            loop.last_improve, loop.phase = loop.epoch, loop.phase + 1
+            set_lr(optimizer, cfg.lr * cfg.lr_decay**loop.phase)
             record["phase_end"] = True
-        history.append(record)
+        loop.history.append(record)
+        loop.elapsed_s = time.perf_counter() - started
+        if checkpoint is not None:
+            save_checkpoint_state(
+                checkpoint,
+                {
+                    "current": trainable_state(student, extra),
+                    "best": best_state,
+                    "optimizer": optimizer.state_dict(),
+                    "sampler": sampler.state_dict(),
+                    "generator": generator.get_state(),
+                    "aug_generator": aug_generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "loop": json.dumps(dataclasses.asdict(loop)),
+                },
+            )
         if on_epoch is not None:
             on_epoch(record)
     load_trainable_state(student, extra, best_state)
     return FitResult(
-        history=history,
-        best_val_acc=best_val,
-        best_epoch=best_epoch,
-        epochs=epoch,
-        steps=epoch * epoch_steps,
+        history=loop.history,
+        best_val_acc=loop.best_val,
+        best_epoch=loop.best_epoch,
+        epochs=loop.epoch,
+        steps=loop.epoch * epoch_steps,
         wall_time_s=time.perf_counter() - started,
     )

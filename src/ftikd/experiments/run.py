@@ -180,8 +180,18 @@ def run_distillation(
     dataset: ImageDataset | None = None,
     progress: bool = True,
     write: bool = True,
+    resume: bool = False,
 ) -> RunResult:
-    """Run one budgeted distillation and write its JSON record under ``cfg.out``."""
+    """Run one budgeted distillation and write its JSON record under ``cfg.out``.
+
+    While it trains, the run keeps ``<run>.pending.json`` (its config) and ``<run>.state.pt`` (a
+    checkpoint rewritten atomically every pseudo-epoch) beside the record; both are removed once
+    the record is written. With ``resume``, a finished run returns its record and an unfinished one
+    continues from its checkpoint (teacher outputs come back from the store at no cost).
+    """
+    paths = RunPaths.of(cfg)
+    if resume and paths.record.exists():
+        return RunResult(json.loads(paths.record.read_text()), paths.record)
     started = time.perf_counter()
     method = build_method(cfg.method, **cfg.method_options)
     dataset = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
@@ -206,9 +216,20 @@ def run_distillation(
         teacher_logits=logits,
         teacher_features=feats,
     )
+    if write:
+        write_json(paths.pending, {"config": dataclasses.asdict(cfg)})
     bar = _RunProgress(cfg) if progress else None
     try:
-        result = fit(student, method, data, cfg.train, cfg.seed, on_epoch=bar.update_record if bar else None)
+        result = fit(
+            student,
+            method,
+            data,
+            cfg.train,
+            cfg.seed,
+            on_epoch=bar.update_record if bar else None,
+            checkpoint=paths.state if write else None,
+            resume=resume,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -245,10 +266,41 @@ def run_distillation(
         "train_time_s": round(result.wall_time_s, 3),
         "versions": library_versions(),
     }
-    path = Path(cfg.out) / f"{cfg.run_name()}.json"
     if write:
-        write_json(path, record)
-    return RunResult(record, path)
+        write_json(paths.record, record)
+        paths.state.unlink(missing_ok=True)
+        paths.pending.unlink(missing_ok=True)
+    return RunResult(record, paths.record)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run's record, pending config and training checkpoint live."""
+
+    record: Path
+    pending: Path
+    state: Path
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> RunPaths:
+        base = Path(cfg.out) / cfg.run_name()
+        return cls(
+            base.with_name(base.name + ".json"),
+            base.with_name(base.name + ".pending.json"),
+            base.with_name(base.name + ".state.pt"),
+        )
+
+
+def pending_runs(path: str | Path) -> list[RunConfig]:
+    """Configs of the unfinished runs at ``path``: a ``*.pending.json`` file or a folder of them."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.pending.json"))
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FtikdError(f"{path} does not exist; pass a runs folder or a <run>.pending.json file")
+    return [RunConfig.from_file(f) for f in files]
 
 
 class _RunProgress:

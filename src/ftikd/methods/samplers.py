@@ -17,6 +17,10 @@ class IndexSampler(Protocol):
 
     def next_batch(self) -> torch.Tensor: ...
 
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
 
 class ShuffledSampler:
     """Endless reshuffled passes over n samples; every batch holds distinct samples.
@@ -47,6 +51,13 @@ class ShuffledSampler:
         self._queue = fresh[keep]
         return torch.cat([leftover, fresh[take_pos]])
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The rest of the current pass; the generator's state is saved by its owner."""
+        return {"queue": self._queue.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._queue = state["queue"].clone()
+
 
 class FixedSetSampler:
     """Reshuffled passes over a fixed set of index rows (e.g. CKD groups), ``batch_size`` rows a step."""
@@ -57,6 +68,13 @@ class FixedSetSampler:
 
     def next_batch(self) -> torch.Tensor:
         return self.rows[self._order.next_batch()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The row order's state; the rows themselves are rebuilt from the seed."""
+        return self._order.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._order.load_state_dict(state)
 
 
 def count_group_splits(num: int, a: int, b: int) -> int:
