@@ -9,10 +9,12 @@ few numpy/codec globals a numpy array needs and refuses anything else.
 from __future__ import annotations
 
 import codecs
+import math
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -44,17 +46,52 @@ def _safe_dtype(*args: Any) -> np.dtype:
     return dt
 
 
+class _NdarrayName:
+    """Stands for ``numpy.ndarray`` in a pickle: accepted by :func:`_reconstruct_empty`, never callable.
+
+    Handing out the real class would let a pickle call ``numpy.ndarray(shape)`` and allocate an
+    array of any size from a few bytes of file.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError("numpy.ndarray may only be used to rebuild a pickled array")
+
+
+def _reconstruct_empty(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's ``_reconstruct`` limited to what ``ndarray.__reduce__`` emits: an empty plain ndarray.
+
+    The array's real shape and bytes come afterwards from its pickled state, whose size numpy checks
+    against the data actually present in the file; an arbitrary ``shape`` here would allocate memory
+    the file never paid for.
+    """
+    if subtype is not _NdarrayName:
+        raise pickle.UnpicklingError("only plain numpy arrays may be reconstructed")
+    dims = shape if isinstance(shape, tuple) else (shape,)
+    if not all(isinstance(d, int) for d in dims) or math.prod(dims) != 0:
+        raise pickle.UnpicklingError(f"array reconstruction with initial shape {shape!r} is not allowed")
+    return _RECONSTRUCT(np.ndarray, shape, dtype)
+
+
 _ALLOWED: dict[tuple[str, str], Callable[..., Any] | type] = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_empty,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_empty,
+    ("numpy", "ndarray"): _NdarrayName,
     ("numpy", "dtype"): _safe_dtype,
     ("_codecs", "encode"): _codecs_encode,
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals needed to rebuild plain numpy arrays."""
+class RestrictedUnpickler(pickle._Unpickler):
+    """Unpickler that resolves only the globals needed to rebuild plain numpy arrays.
+
+    It extends the pure-Python unpickler rather than the C one, because the C one trusts sizes
+    written in the file: a memo index of 2**31 in a 9-byte pickle makes it fill a table of 32 GiB,
+    and a counted string is allocated at its claimed length before it is read. Here every size is
+    checked against the bytes actually read (about 0.4 s more per 50,000-image batch file). ``BUILD`` may
+    only set the state of numpy arrays and dtypes, and out-of-band buffers are refused.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -64,6 +101,41 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("persistent ids are not allowed")
+
+    def _load_build(self) -> None:
+        if len(self.stack) < 2 or not isinstance(self.stack[-2], (np.ndarray, np.dtype)):
+            raise pickle.UnpicklingError("BUILD is only allowed on numpy arrays and dtypes")
+        pickle._Unpickler.load_build(self)
+
+    def _refuse_buffer(self) -> None:
+        raise pickle.UnpicklingError("out-of-band buffers and bytearrays are not allowed")
+
+    dispatch[pickle.BUILD[0]] = _load_build
+    dispatch[pickle.BYTEARRAY8[0]] = _refuse_buffer
+    dispatch[pickle.NEXT_BUFFER[0]] = _refuse_buffer
+    dispatch[pickle.READONLY_BUFFER[0]] = _refuse_buffer
+
+
+class _ClampedReader:
+    """A binary file whose ``read(n)`` never asks for more than the bytes left in the file.
+
+    The unpickler reads a length field, then ``read(n)``; a buffered file allocates ``n`` bytes up
+    front, so a damaged length of 2**31 would allocate gigabytes for a file of a few hundred bytes.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._left = os.fstat(f.fileno()).st_size - f.tell()
+
+    def read(self, n: int | None = -1) -> bytes:
+        data = self._f.read(self._left if n is None or n < 0 else min(n, max(self._left, 0)))
+        self._left -= len(data)
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        data = self._f.readline(size)
+        self._left -= len(data)
+        return data
 
 
 def safe_load_pickle(path: str | Path) -> Any:
@@ -75,7 +147,7 @@ def safe_load_pickle(path: str | Path) -> Any:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            return RestrictedUnpickler(f, encoding="bytes").load()
+            return RestrictedUnpickler(_ClampedReader(f), encoding="bytes").load()
     except UnsafePickleError as e:
         raise UnsafePickleError(
             f"refusing to load {path}: it contains code ({e}); use the official CIFAR files"
@@ -96,6 +168,32 @@ def _get(d: Any, key: str, path: Path) -> Any:
     raise FtikdError(f"{path} has no {key!r} entry; is it the right CIFAR file?")
 
 
+def _labels_array(labels: Any, n: int, label_key: str, path: Path) -> np.ndarray:
+    """Labels as int64 (n,), checking length and element types *before* converting.
+
+    A pickle can share one nested list many times over (a few bytes of file), so converting an
+    unchecked object with ``np.asarray`` could build an exponentially large array.
+    """
+    fix = "re-download the files"
+    if isinstance(labels, np.ndarray):
+        if labels.dtype.kind not in "iu" or labels.shape != (n,):
+            raise FtikdError(
+                f"{path}: {label_key!r} must hold {n} integer labels, got a {labels.dtype} array of shape "
+                f"{labels.shape}; {fix}"
+            )
+    elif isinstance(labels, (list, tuple)):
+        if len(labels) != n:
+            raise FtikdError(f"{path}: {n} images but {len(labels)} {label_key!r} entries; {fix}")
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+            raise FtikdError(f"{path}: {label_key!r} is not a list of integers; {fix}")
+    else:
+        raise FtikdError(f"{path}: {label_key!r} is a {type(labels).__name__}, not a list of integers; {fix}")
+    try:
+        return np.asarray(labels, dtype=np.int64).reshape(n)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise FtikdError(f"{path}: {label_key!r} holds labels outside the int64 range; {fix}") from e
+
+
 def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Read one batch file into uint8 (N, 3072) data and int64 (N,) labels, validating both."""
     d = safe_load_pickle(path)
@@ -104,14 +202,7 @@ def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarra
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise FtikdError(f"{path}: 'data' must be a uint8 (N, 3072) array, got {got}; re-download the files")
-    try:
-        y = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise FtikdError(f"{path}: {label_key!r} is not a list of integers; re-download the files") from e
-    if y.shape != (data.shape[0],):
-        raise FtikdError(
-            f"{path}: {data.shape[0]} images but {label_key!r} has shape {y.shape}; re-download the files"
-        )
+    y = _labels_array(labels, data.shape[0], label_key, path)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise FtikdError(
             f"{path}: labels must lie in [0, {num_classes}), found [{y.min()}, {y.max()}]; "
@@ -123,9 +214,16 @@ def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarra
 def _names(meta_path: Path, key: str, num_classes: int) -> list[str]:
     """Read the class names list from a meta file and decode them to str."""
     names = _get(safe_load_pickle(meta_path), key, meta_path)
-    if not isinstance(names, list) or len(names) != num_classes:
+    if (
+        not isinstance(names, (list, tuple))
+        or len(names) != num_classes
+        or not all(isinstance(n, (str, bytes)) for n in names)
+    ):
         raise FtikdError(f"{meta_path}: {key!r} must list {num_classes} class names; re-download the files")
-    return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    try:
+        return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
+    except UnicodeDecodeError as e:
+        raise FtikdError(f"{meta_path}: class names are not UTF-8 text ({e}); re-download the files") from e
 
 
 def _to_images(parts: list[np.ndarray]) -> torch.Tensor:

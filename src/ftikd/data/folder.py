@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ftikd.data.base import ImageDataset
 from ftikd.errors import FtikdError
@@ -25,9 +25,17 @@ IMAGE_EXTENSIONS = frozenset(
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 
 
+def _entries(folder: Path) -> list[Path]:
+    """The entries of ``folder``; an unreadable folder is a user error."""
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise FtikdError(f"cannot list folder {folder}: {e.strerror or e}; check its permissions") from e
+
+
 def _class_dirs(root: Path) -> list[Path]:
     """Visible subfolders of ``root``, sorted by name."""
-    dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    dirs = [p for p in _entries(root) if p.is_dir() and not p.name.startswith(".")]
     return sorted(dirs, key=lambda p: p.name)
 
 
@@ -35,7 +43,7 @@ def _image_files(class_dir: Path) -> list[Path]:
     """Image files (by extension) directly inside ``class_dir``, sorted; error if there are none."""
     files = sorted(
         p
-        for p in class_dir.iterdir()
+        for p in _entries(class_dir)
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
     )
     if not files:
@@ -59,13 +67,21 @@ def _target_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def _unreadable(path: Path, e: Exception) -> FtikdError:
+    """The one-line error for an image file PIL could not open or decode."""
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return FtikdError(f"cannot read image {path}: {why}; fix or delete the file")
+
+
 def _is_gray(path: Path) -> bool:
     """Whether the image is single-channel, from its header only (no pixel decoding)."""
     try:
-        with Image.open(path) as img:
-            return img.mode in _GRAY_MODES
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:
-        raise FtikdError(f"cannot read image {path}: {e}; fix or delete the file") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. PIL's notes on damaged EXIF/TIFF tags
+            with Image.open(path) as img:
+                return img.mode in _GRAY_MODES
+    except Exception as e:  # PIL's decoders raise many exception types on damaged files
+        raise _unreadable(path, e) from e
 
 
 def _decode(path: Path, mode: str, size_hw: tuple[int, int]) -> np.ndarray:
@@ -88,8 +104,8 @@ def _decode(path: Path, mode: str, size_hw: tuple[int, int]) -> np.ndarray:
                 left, top = (nw - tw) // 2, (nh - th) // 2
                 img = img.crop((left, top, left + tw, top + th))
                 arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
-        raise FtikdError(f"cannot read image {path}: {e}; fix or delete the file") from e
+    except Exception as e:  # PIL's decoders raise many exception types on damaged files
+        raise _unreadable(path, e) from e
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 

@@ -25,6 +25,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 _SUPPORTED_DTYPES: dict[int, np.dtype] = {0x08: np.dtype(np.uint8)}
 _KNOWN_DTYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
 _CHUNK = 1 << 20
+# numpy 1.x arrays have at most 32 dimensions; no IDX dataset comes close.
+_MAX_NDIM = 32
 
 
 def is_gzip(path: str | Path) -> bool:
@@ -55,9 +57,9 @@ def read_idx(path: str | Path, expected_ndim: int | None = None) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FtikdError(f"IDX file not found: {path}; check the path or pass --data-dir")
-    compressed = is_gzip(path)
     fix = "re-download or reinstall the dataset files"
     try:
+        compressed = is_gzip(path)
         stream: BinaryIO = gzip.open(path, "rb") if compressed else open(path, "rb")
         with stream:
             magic = _read_exact(stream, 4)
@@ -67,6 +69,8 @@ def read_idx(path: str | Path, expected_ndim: int | None = None) -> np.ndarray:
             if code not in _SUPPORTED_DTYPES:
                 what = _KNOWN_DTYPES.get(code, f"unknown code 0x{code:02x}")
                 raise FtikdError(f"{path} holds {what} data; only uint8 (0x08) IDX files are supported")
+            if ndim > _MAX_NDIM:
+                raise FtikdError(f"{path} claims {ndim} dimensions (at most {_MAX_NDIM} supported); {fix}")
             if ndim == 0 or (expected_ndim is not None and ndim != expected_ndim):
                 want = expected_ndim if expected_ndim is not None else ">= 1"
                 raise FtikdError(f"{path} has {ndim} dimensions, expected {want}; is it the right file?")
@@ -94,7 +98,12 @@ def read_idx(path: str | Path, expected_ndim: int | None = None) -> np.ndarray:
             f"{path} header claims shape {shape} ({claimed} bytes) but holds {more} bytes; {fix}"
         )
     data = np.frombuffer(payload, dtype=dtype.newbyteorder(">"))
-    return data.astype(dtype.newbyteorder("="), copy=False).reshape(shape)
+    try:
+        return data.astype(dtype.newbyteorder("="), copy=False).reshape(shape)
+    except ValueError as e:  # e.g. an empty payload with other dimensions too large for numpy
+        raise FtikdError(
+            f"{path} header claims shape {shape}, which is not a valid array shape; {fix}"
+        ) from e
 
 
 def load_idx_pair(images_path: str | Path, labels_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

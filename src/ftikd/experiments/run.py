@@ -21,6 +21,7 @@ from ftikd.data import ImageDataset, fti_split, load_dataset, normalize, view_cr
 from ftikd.engine.record import library_versions, write_json
 from ftikd.engine.trainer import TrainConfig, TrainData, evaluate, fit
 from ftikd.errors import FtikdError
+from ftikd.experiments.config_check import check_run_config
 from ftikd.methods import Method, build_method
 from ftikd.models import build_model
 from ftikd.teacher import Teacher, TeacherStore
@@ -46,6 +47,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         """Build from a plain dict (a config file or a run record's ``config`` block)."""
+        check_run_config(raw, cls)
         raw = dict(raw.get("config", raw))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)

@@ -111,14 +111,67 @@ def _read_meta(p: Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(raw[META_KEY])
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; deep nesting recurses
         raise _corrupt(p) from e
     if not isinstance(meta, dict):
         raise _corrupt(p)
     absent = [k for k in (*REQUIRED_META, "fingerprint") if k not in meta]
     if absent:
         raise FtikdError(f"{p} metadata lacks {absent}; re-run ftikd train-teacher to rewrite it")
+    for key in ("arch", "fingerprint", "dataset"):
+        if not isinstance(meta[key], str) or not meta[key]:
+            raise FtikdError(f"{p} metadata {key}={meta[key]!r} is not a name; re-run ftikd train-teacher")
+    for key in ("in_channels", "num_classes"):
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FtikdError(
+                f"{p} metadata {key}={value!r} is not a positive integer; re-run ftikd train-teacher"
+            )
     return meta
+
+
+# Used only for architectures that cannot be built on the meta device: larger values are refused
+# rather than allocated (ImageNet-21k has 21,841 classes; images have a handful of channels).
+_MAX_IN_CHANNELS = 4096
+_MAX_CLASSES = 1_000_000
+
+
+def _check_fits(p: Path, meta: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights whose names or shapes differ from the recorded architecture's.
+
+    The architecture is built on the meta device first, so metadata claiming e.g. a billion classes
+    costs no memory: the real model is built only once it is known to match the file's tensors.
+    """
+    from ftikd.models.base import build_model
+
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(
+                meta["arch"], in_channels=meta["in_channels"], num_classes=meta["num_classes"]
+            )
+    except FtikdError:
+        raise
+    except Exception as e:  # sizes torch cannot describe, or a custom model that needs real tensors
+        if meta["in_channels"] <= _MAX_IN_CHANNELS and meta["num_classes"] <= _MAX_CLASSES:
+            return  # plausible sizes: build it for real and let load_state_dict compare
+        raise FtikdError(
+            f"{p} metadata (arch {meta['arch']!r}, in_channels={meta['in_channels']}, "
+            f"num_classes={meta['num_classes']}) does not describe a buildable model ({type(e).__name__}); "
+            f"re-run ftikd train-teacher"
+        ) from e
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want == have:
+        return
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+    else:
+        k = next(k for k in want if want[k] != have[k])
+        detail = f"{k!r} has shape {list(have[k])}, the architecture needs {list(want[k])}"
+    raise FtikdError(
+        f"{p} weights do not fit architecture {meta['arch']!r} ({detail}); re-run ftikd train-teacher"
+    )
 
 
 def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -149,9 +202,8 @@ def load_checkpoint(
     import ftikd.models  # noqa: F401  (registers the model zoo)
     from ftikd.models.base import build_model
 
-    model = build_model(
-        meta["arch"], in_channels=int(meta["in_channels"]), num_classes=int(meta["num_classes"])
-    )
+    _check_fits(p, meta, state)
+    model = build_model(meta["arch"], in_channels=meta["in_channels"], num_classes=meta["num_classes"])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -16,12 +16,13 @@ budget is enforced and where every paid call is made durable. Design (see docs/s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -45,6 +46,13 @@ _SCHEMA = (
     "data BLOB NOT NULL, PRIMARY KEY (view, name, sample)) WITHOUT ROWID",
     "CREATE TABLE ledger (id INTEGER PRIMARY KEY, time REAL NOT NULL, calls INTEGER NOT NULL, note TEXT)",
 )
+# The columns each table must have; a foreign database with tables of these names is refused on open.
+_COLUMNS = {
+    "meta": {"key", "value"},
+    "outputs": {"sample", "view", "logits"},
+    "features": {"sample", "view", "name", "data"},
+    "ledger": {"id", "time", "calls", "note"},
+}
 # Requests up to this size are read with keyed lookups; larger ones scan the whole view once.
 _KEYED_READ_MAX = 4096
 _IN_CHUNK = 500
@@ -79,6 +87,28 @@ def _unique_in_order(ids: np.ndarray) -> np.ndarray:
 
 def _tables(conn: sqlite3.Connection) -> set[str]:
     return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def _shown(text: str) -> str:
+    """A stored name as it appears in a one-line message: as is when printable, else its repr."""
+    return text if text.isprintable() else repr(text)
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _shapes_from_json(raw: str) -> dict[str, tuple[int, ...]]:
+    """Parse the ``feature_shapes`` meta value; ValueError when it is not {name: [dims]}."""
+    shapes = json.loads(raw)
+    if not isinstance(shapes, dict):
+        raise ValueError("feature_shapes is not a mapping")
+    out: dict[str, tuple[int, ...]] = {}
+    for name, dims in shapes.items():
+        if not isinstance(dims, list) or not all(type(d) is int and d >= 0 for d in dims):
+            raise ValueError(f"feature {name!r} has shape {dims!r}")
+        out[name] = tuple(dims)
+    return out
 
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:
@@ -150,11 +180,14 @@ class TeacherStore:
                 f"store path {p} is a directory; pass a file path such as {p / 'teacher.sqlite'}"
             )
         p.parent.mkdir(parents=True, exist_ok=True)
-        if p.exists() and p.stat().st_size > 0:
-            with open(p, "rb") as f:
-                if f.read(16) != b"SQLite format 3\x00":
-                    raise cls._corrupt(p, "not an SQLite file")
-        conn = sqlite3.connect(str(p), timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            if p.exists() and p.stat().st_size > 0:
+                with open(p, "rb") as f:
+                    if f.read(16) != b"SQLite format 3\x00":
+                        raise cls._corrupt(p, "not an SQLite file")
+            conn = sqlite3.connect(str(p), timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        except (OSError, sqlite3.Error) as e:
+            raise FtikdError(f"cannot open store {p}: {e}; check the path and its permissions") from e
         initialising = False
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -217,9 +250,27 @@ class TeacherStore:
 
     @staticmethod
     def _corrupt(p: Path, why: str) -> FtikdError:
+        why = " ".join(why.split())  # one line, whatever the SQLite or JSON message held
         return FtikdError(
             f"store {p} is not a valid ftikd teacher store ({why}); delete it or use a different --store path"
         )
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[None]:
+        """Turn SQLite errors while using an open store into one-line errors naming the store.
+
+        A store damaged after it was opened (truncated, overwritten, tables altered) fails here
+        rather than with a raw ``sqlite3`` exception.
+        """
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and _is_busy(e):
+                raise FtikdError(
+                    f"store {self.path} is locked by another process ({e}); wait for it to finish "
+                    f"or use a different --store path"
+                ) from e
+            raise self._corrupt(self.path, str(e)) from e
 
     @staticmethod
     def _remove_files(p: Path) -> None:
@@ -234,6 +285,10 @@ class TeacherStore:
         absent = [t for t in _TABLES if t not in tables]
         if absent:
             raise cls._corrupt(p, f"missing tables {absent}")
+        for table, need_cols in _COLUMNS.items():
+            lacking_cols = sorted(need_cols - _columns(conn, table))
+            if lacking_cols:
+                raise cls._corrupt(p, f"table {table} lacks columns {lacking_cols}")
         meta = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
         need = ("format_version", "fingerprint", "dataset", "num_classes", "feature_names", "feature_shapes")
         lacking = [k for k in need if k not in meta]
@@ -241,15 +296,20 @@ class TeacherStore:
             raise cls._corrupt(p, f"meta lacks {lacking}")
         if meta["format_version"] != FORMAT_VERSION:
             raise FtikdError(
-                f"store {p} has format version {meta['format_version']} but this ftikd reads version "
+                f"store {p} has format version {_shown(meta['format_version'])} but this ftikd reads version "
                 f"{FORMAT_VERSION}; use a different --store path"
             )
         try:
-            json.loads(meta["feature_names"])
-            json.loads(meta["feature_shapes"])
-            int(meta["num_classes"])
-        except ValueError as e:
-            raise cls._corrupt(p, "unreadable meta") from e
+            names = json.loads(meta["feature_names"])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError("feature_names is not a list of names")
+            _shapes_from_json(meta["feature_shapes"])
+            if int(meta["num_classes"]) < 1:
+                raise ValueError("num_classes < 1")
+            if meta.get("max_calls") and int(meta["max_calls"]) < 0:
+                raise ValueError("max_calls < 0")
+        except (ValueError, RecursionError) as e:
+            raise cls._corrupt(p, f"unreadable meta: {e}") from e
         return meta
 
     @staticmethod
@@ -258,8 +318,8 @@ class TeacherStore:
     ) -> None:
         if meta["fingerprint"] != str(fingerprint):
             raise FtikdError(
-                f"store {p} was written by teacher {meta['fingerprint']} but this teacher is {fingerprint}; "
-                f"use a different --store path"
+                f"store {p} was written by teacher {_shown(meta['fingerprint'])} but this teacher is "
+                f"{_shown(fingerprint)}; use a different --store path"
             )
         if meta["dataset"] != str(dataset):
             raise FtikdError(
@@ -268,7 +328,7 @@ class TeacherStore:
             )
         if int(meta["num_classes"]) != int(num_classes):
             raise FtikdError(
-                f"store {p} holds {meta['num_classes']}-class logits but {num_classes} classes were "
+                f"store {p} holds {_shown(meta['num_classes'])}-class logits but {num_classes} classes were "
                 f"expected; use a different --store path"
             )
         kept = set(json.loads(meta["feature_names"]))
@@ -319,30 +379,44 @@ class TeacherStore:
 
     def missing(self, samples: Any, view: int) -> torch.Tensor:
         """Distinct sample ids (int64, in first-appearance order) with no stored output for ``view``."""
-        return torch.from_numpy(self._missing_np(_as_index(samples), view).copy())
+        ids = _as_index(samples)
+        with self._db():
+            return torch.from_numpy(self._missing_np(ids, view).copy())
 
     def count(self, view: int | None = None) -> int:
         """Number of stored outputs, for one view or all."""
-        if view is None:
-            return int(self._conn.execute("SELECT COUNT(*) FROM outputs").fetchone()[0])
-        return int(
-            self._conn.execute("SELECT COUNT(*) FROM outputs WHERE view=?", (int(view),)).fetchone()[0]
-        )
+        with self._db():
+            if view is None:
+                return int(self._conn.execute("SELECT COUNT(*) FROM outputs").fetchone()[0])
+            return int(
+                self._conn.execute("SELECT COUNT(*) FROM outputs WHERE view=?", (int(view),)).fetchone()[0]
+            )
 
     def paid_calls(self) -> int:
         """Teacher calls paid over the store's lifetime (sum of the ledger)."""
-        return int(self._conn.execute("SELECT COALESCE(SUM(calls), 0) FROM ledger").fetchone()[0])
+        with self._db():
+            return int(self._conn.execute("SELECT COALESCE(SUM(calls), 0) FROM ledger").fetchone()[0])
 
     def ledger(self) -> list[tuple[int, float, int, str]]:
         """All ledger rows ``(id, time, calls, note)``, oldest first."""
-        return [tuple(r) for r in self._conn.execute("SELECT id, time, calls, note FROM ledger ORDER BY id")]
+        with self._db():
+            rows = self._conn.execute("SELECT id, time, calls, note FROM ledger ORDER BY id").fetchall()
+        return [tuple(r) for r in rows]
 
     def feature_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sample shape of each stored feature (known once a batch has been stored)."""
-        raw = self._conn.execute("SELECT value FROM meta WHERE key='feature_shapes'").fetchone()[0]
-        return {k: tuple(v) for k, v in json.loads(raw).items()}
+        with self._db():
+            row = self._conn.execute("SELECT value FROM meta WHERE key='feature_shapes'").fetchone()
+        try:
+            if row is None:
+                raise ValueError("no feature_shapes entry")
+            return _shapes_from_json(row[0])
+        except (ValueError, TypeError, RecursionError) as e:
+            raise self._corrupt(self.path, f"unreadable feature_shapes meta: {e}") from e
 
-    def _read_blobs(self, ids: np.ndarray, view: int, name: str | None) -> tuple[np.ndarray, bytes, int]:
+    def _read_blobs(
+        self, ids: np.ndarray, view: int, name: str | None, width: int, what: str
+    ) -> tuple[np.ndarray, bytes, int]:
         """Stored ``(sample ids, concatenated blobs, row count)`` covering ``ids`` for ``view``."""
         if name is None:
             base, extra = "SELECT sample, logits FROM outputs WHERE view=?", ()
@@ -359,6 +433,22 @@ class TeacherStore:
                 )
         else:
             rows = self._conn.execute(base, (int(view), *extra)).fetchall()
+        return self._checked_rows(rows, 4 * width, what)
+
+    def _checked_rows(
+        self, rows: list[tuple[Any, Any]], nbytes: int, what: str
+    ) -> tuple[np.ndarray, bytes, int]:
+        """Validate every ``(sample, blob)`` row, then return ``(ids, joined blobs, row count)``.
+
+        Each blob must be exactly ``nbytes`` long: checking only the total would let a short blob and
+        a long one cancel out and shift every later row into the wrong sample.
+        """
+        bad = next(
+            (r for r in rows if type(r[0]) is not int or type(r[1]) is not bytes or len(r[1]) != nbytes), None
+        )
+        if bad is not None:
+            got = f"{len(bad[1])} bytes" if type(bad[1]) is bytes else f"a {type(bad[1]).__name__} value"
+            raise self._corrupt(self.path, f"{what} of sample {bad[0]!r} has {got}, expected {nbytes} bytes")
         got = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         return got, b"".join(r[1] for r in rows), len(rows)
 
@@ -368,12 +458,13 @@ class TeacherStore:
         width = int(math.prod(per_sample))
         if ids.size == 0:
             return np.zeros((0, *per_sample), dtype=np.float32)
-        got, buf, n = self._read_blobs(ids, view, name)
-        if len(buf) != n * width * 4:
-            raise self._corrupt(self.path, f"{what} blobs have the wrong size")
+        with self._db():
+            got, buf, n = self._read_blobs(ids, view, name, width, what)
         table = np.frombuffer(buf, dtype=np.float32).reshape(n, width)
         order = np.argsort(got, kind="stable")
         sorted_ids = got[order]
+        if n > 1 and (sorted_ids[1:] == sorted_ids[:-1]).any():
+            raise self._corrupt(self.path, f"{what} are stored twice for some samples")
         pos = np.searchsorted(sorted_ids, ids)
         clipped = np.minimum(pos, max(n - 1, 0))
         found = (pos < n) & (sorted_ids[clipped] == ids) if n else np.zeros(ids.shape, dtype=bool)
@@ -441,14 +532,15 @@ class TeacherStore:
         t_fp = getattr(teacher, "fingerprint", None)
         if t_fp is not None and str(t_fp) != self.fingerprint:
             raise FtikdError(
-                f"store {self.path} was written by teacher {self.fingerprint} but this teacher is {t_fp}; "
-                f"use a different --store path"
+                f"store {self.path} was written by teacher {_shown(self.fingerprint)} but this teacher is "
+                f"{_shown(str(t_fp))}; use a different --store path"
             )
         if isinstance(teacher, Teacher) and not set(self.feature_names) <= set(teacher.feature_names):
             teacher = teacher.with_features(
                 tuple(dict.fromkeys((*teacher.feature_names, *self.feature_names)))
             )
-        todo = self._missing_np(ids, view)
+        with self._db():
+            todo = self._missing_np(ids, view)
         if todo.size == 0:
             return 0
         self._check_cap(self.paid_calls(), int(todo.size))
@@ -461,7 +553,8 @@ class TeacherStore:
         paid = 0
         try:
             for start in range(0, todo.size, batch_size):
-                n = self._pay_batch(todo[start : start + batch_size], view, images_fn, teacher)
+                with self._db():
+                    n = self._pay_batch(todo[start : start + batch_size], view, images_fn, teacher)
                 paid += n
                 if bar is not None:
                     bar.update(n)
@@ -524,7 +617,8 @@ class TeacherStore:
             return b
         except BaseException:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # keep the original error
+                    conn.execute("ROLLBACK")
             raise
 
     @staticmethod
