@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", help="folder with the Fashion-MNIST IDX files (default: the Debian package's)"
     )
     p.add_argument("--out", help="results folder (default results/demo)")
-    p.add_argument("--budgets", type=int, nargs="+", help="teacher-call budgets n (default 500 2000)")
+    p.add_argument("--budgets", type=int, nargs="+", help="teacher-call budgets n (default 500 1600)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 1 2 3)")
     p.add_argument("--teacher-epochs", type=int, help="teacher training epochs")
     p.add_argument("--teacher", help="use this teacher checkpoint instead of training/reusing the demo's")
