@@ -287,9 +287,149 @@ def campaign_caching(
     }
 
 
-# name -> campaign(kills, seed, workdir) -> summary dict. The lead adds "training": campaign_training.
+# ----------------------------------------------------------------------------------- training
+
+TRAIN_ARGS = ["--dataset", "digits", "--method", "kd", "--calls", "120", "--patience", "3", "--phases", "2",
+              "--max-epochs", "10", "--no-progress", "--resume"]  # fmt: skip
+
+
+def _campaign_teacher(path: Path) -> Path:
+    """An untrained, seeded digits teacher: deterministic outputs are all the campaign needs."""
+    import torch
+
+    from ftikd.models import build_model
+    from ftikd.teacher import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", in_channels=1, num_classes=10)
+    save_checkpoint(
+        model, path, {"arch": "resnet8", "in_channels": 1, "num_classes": 10, "dataset": "digits"}
+    )
+    return path
+
+
+def _strip_times(record: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in h.items() if k != "time_s"} for h in record["history"]]
+
+
+def campaign_training(kills: int, seed: int, workdir: Path, runs: int = 2) -> dict[str, Any]:
+    """Kill ``ftikd distill --resume`` at random moments (start-up, caching, training, record writing).
+
+    Each of ``runs`` runs (seeds 1..runs, KD on digits) is restarted with the same command until it
+    exits 0; the kills are spread over the runs. Then: every run has exactly one record, equal
+    (metrics and per-epoch history) to an uninterrupted in-process reference; no checkpoint or
+    pending file is left; the store opens, holds every sample once, and its ledger of paid calls
+    equals the number of distinct samples (no paid call lost or paid twice).
+    """
+    from ftikd.experiments.run import RunPaths, run_distillation
+    from ftikd.teacher import TeacherStore
+
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    teacher = _campaign_teacher(workdir / "teacher.safetensors")
+    out = workdir / "killed" / "runs"
+    failures: list[str] = []
+    kills_sent = resumes = resumes_ok = 0
+    per_run_kills = [kills // runs + (i < kills % runs) for i in range(runs)]
+    results = []
+    for run in range(runs):
+        args = [*TRAIN_ARGS, "--seed", str(run + 1), "--teacher", str(teacher)]
+        ref_started = time.perf_counter()
+        ref_cfg = _cli_config(args, workdir / "reference" / "runs")
+        reference = run_distillation(ref_cfg, progress=False).record
+        ref_s = time.perf_counter() - ref_started
+        cfg = _cli_config(args, out)
+        attempt, killed_before = 0, False
+        while True:
+            attempt += 1
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ftikd.cli", "distill", *args, "--out", str(out)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            if attempt <= per_run_kills[run]:
+                time.sleep(rng.uniform(0.2, 3.0 + ref_s))  # start-up (imports) takes about 3 s
+                if proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    kills_sent += 1
+                    resumes += int(killed_before)
+                    resumes_ok += int(killed_before)
+                    killed_before = True
+                    continue
+            _, err = proc.communicate(timeout=600)
+            resumes += int(killed_before)
+            resumes_ok += int(killed_before and proc.returncode == 0)
+            if proc.returncode != 0:
+                failures.append(
+                    f"run {run + 1}: rc {proc.returncode}: {(err.strip().splitlines() or [''])[-1]}"
+                )
+            break
+        paths = RunPaths.of(cfg)
+        if paths.record.exists():
+            record = json.loads(paths.record.read_text())
+            same = record["metrics"] == reference["metrics"] and _strip_times(record) == _strip_times(
+                reference
+            )
+            results.append(same)
+            if not same:
+                failures.append(f"run {run + 1}: resumed numbers differ from the uninterrupted run")
+        else:
+            failures.append(f"run {run + 1}: no record after completion")
+        if paths.state.exists() or paths.pending.exists():
+            failures.append(f"run {run + 1}: checkpoint or pending file left behind")
+    records = sorted(p.name for p in out.glob("*.json") if not p.name.endswith(".pending.json"))
+    stores = sorted((out.parent / "stores").glob("*.sqlite"))
+    stored = paid = 0
+    for store in stores:
+        with TeacherStore.open(store, store.stem.split("-", 1)[1], "digits", 10) as s:
+            stored += s.count()
+            paid += s.paid_calls()
+    distinct = _distinct_samples(runs)
+    return {
+        "campaign": "training",
+        "seed": seed,
+        "runs": runs,
+        "kills_requested": kills,
+        "kills_tried": kills_sent,
+        "resumes": resumes,
+        "resumes_succeeded": resumes_ok,
+        "runs_finished": len(records),
+        "runs_equal_to_uninterrupted": sum(results),
+        "calls_lost": distinct - stored,
+        "calls_repeated": paid - stored,
+        "store_paid_calls": paid,
+        "distinct_samples": distinct,
+        "failures": failures,
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+
+
+def _cli_config(args: list[str], out: Path):
+    """The RunConfig that ``ftikd distill ARGS --out OUT`` builds."""
+    from ftikd.cli import build_parser, distill_config
+
+    return distill_config(build_parser().parse_args(["distill", *args, "--out", str(out)]))
+
+
+def _distinct_samples(runs: int) -> int:
+    """Distinct training samples over the campaign's runs: the calls a perfect store pays."""
+    import torch
+
+    from ftikd.data import fti_split, load_dataset
+
+    total = load_dataset("digits").train_images.shape[0]
+    ids = [fti_split(total, 120, run + 1).train_idx for run in range(runs)]
+    return int(torch.unique(torch.cat(ids)).numel())
+
+
+# name -> campaign(kills, seed, workdir) -> summary dict
 CAMPAIGNS: dict[str, Callable[[int, int, Path], dict[str, Any]]] = {
     "caching": campaign_caching,
+    "training": campaign_training,
 }
 
 

@@ -136,3 +136,12 @@ def test_subprocess_exit_status_and_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert not any(tmp_path.iterdir())
+
+
+def test_record_without_config_block_is_refused(tmp_path):
+    from ftikd.analysis.summary import load_records
+    from ftikd.errors import FtikdError
+
+    (tmp_path / "r.json").write_text('{"metrics": {"test_top1": 1.0}, "config": 5}')
+    with pytest.raises(FtikdError, match="r.json"):
+        load_records(tmp_path)

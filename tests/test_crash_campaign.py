@@ -89,3 +89,31 @@ def test_verification_counts_unexplained_repeats(tmp_path: Path) -> None:
     assert figures["in_flight_batches_repaid"] == 1 and figures["integrity_ok"]
     assert figures["ledger_mismatch"] == 1  # 6 committed calls, but 12 - 3 in flight = 9 logged
     assert figures["logits_mismatched"] == 0
+
+
+def _report_training(capsys: pytest.CaptureFixture, summary: dict) -> None:
+    keys = ("kills_tried", "resumes_succeeded", "runs_finished", "runs_equal_to_uninterrupted", "calls_lost")
+    keys += ("calls_repeated", "store_paid_calls", "distinct_samples", "wall_s")
+    with capsys.disabled():
+        print("\n[crash-campaign training] " + ", ".join(f"{k}={summary[k]}" for k in keys))
+
+
+def _check_training(summary: dict, runs: int) -> None:
+    assert summary["failures"] == []
+    assert summary["runs_finished"] == summary["runs_equal_to_uninterrupted"] == runs
+    assert summary["resumes_succeeded"] == summary["resumes"]
+    assert summary["calls_lost"] == 0 and summary["calls_repeated"] == 0
+    assert summary["store_paid_calls"] == summary["distinct_samples"]
+
+
+def test_campaign_training_3_kills(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    summary = cc.campaign_training(kills=3, seed=0, workdir=tmp_path, runs=1)
+    _check_training(summary, 1)
+    _report_training(capsys, summary)
+
+
+@pytest.mark.slow
+def test_campaign_training_20_kills(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    summary = cc.campaign_training(kills=20, seed=1, workdir=tmp_path, runs=2)
+    _check_training(summary, 2)
+    _report_training(capsys, summary)

@@ -84,30 +84,26 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_distill(args: argparse.Namespace) -> int:
+def distill_config(args: argparse.Namespace):
+    """The RunConfig of ``ftikd distill``: the --config file (if any) overridden by the flags."""
     from ftikd.experiments.demo import parse_options
-    from ftikd.experiments.run import RunConfig, run_distillation
+    from ftikd.experiments.run import RunConfig
 
     cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
-    for flag in (
-        "teacher",
-        "dataset",
-        "data_dir",
-        "student",
-        "method",
-        "calls",
-        "seed",
-        "view",
-        "store",
-        "out",
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            setattr(cfg, flag, value)
+    flags = ("teacher", "dataset", "data_dir", "student", "method", "calls", "seed", "view", "store", "out")
+    for flag in flags:
+        if getattr(args, flag) is not None:
+            setattr(cfg, flag, getattr(args, flag))
     if args.opt:
         cfg.method_options = {**cfg.method_options, **parse_options(args.opt)}
     cfg.train = dataclasses.replace(cfg.train, **_train_overrides(args))
-    print_run(run_distillation(cfg, progress=not args.no_progress, resume=args.resume))
+    return cfg
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ftikd.experiments.run import run_distillation
+
+    print_run(run_distillation(distill_config(args), progress=not args.no_progress, resume=args.resume))
     return 0
 
 

@@ -50,6 +50,9 @@ def load_records(folder: str | Path) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise FtikdError(f"run record {path} is corrupt; delete it and re-run that run") from None
         if isinstance(data, dict) and "metrics" in data:
+            cfg = data.get("config")
+            if not (isinstance(cfg, dict) and "method" in cfg and "calls" in cfg):
+                raise FtikdError(f"run record {path} has no valid config block; delete it and re-run that run")
             records.append(data)
     return records
 
