@@ -52,7 +52,7 @@ def load_records(folder: str | Path) -> list[dict[str, Any]]:
         if isinstance(data, dict) and "metrics" in data:
             cfg = data.get("config")
             if not (isinstance(cfg, dict) and "method" in cfg and "calls" in cfg):
-                raise FtikdError(f"run record {path} has no valid config block; delete it and re-run that run")
+                raise FtikdError(f"run record {path} has no valid config block; delete it and re-run it")
             records.append(data)
     return records
 
