@@ -1,5 +1,6 @@
 """User errors end in one line naming the fix, exit status 2, no traceback, nothing half-written."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,21 @@ def test_record_without_config_block_is_refused(tmp_path):
     (tmp_path / "r.json").write_text('{"metrics": {"test_top1": 1.0}, "config": 5}')
     with pytest.raises(FtikdError, match="r.json"):
         load_records(tmp_path)
+
+
+def test_bench_runs_and_reports_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--students", "resnet8", "--methods", "ce", "ckd", "--steps", "1", "--repeats", "1",
+            "--batch-size", "8", "--cache-samples", "32", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    kinds = [r["what"].split(":")[0].split(" (")[0] for r in rows]
+    assert kinds == [
+        "bare student step",
+        "ftikd step",
+        "ftikd step",
+        "bare teacher inference",
+        "teacher caching",
+    ]
+    assert "16 images/step" in rows[2]["what"]  # group CKD k=2: 8 groups x 2 images
+    assert all(r["images_per_s"] > 0 for r in rows)

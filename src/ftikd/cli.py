@@ -129,6 +129,33 @@ def print_run(result) -> None:
     )
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ftikd.engine.record import write_json
+    from ftikd.experiments.bench import BenchConfig, format_bench, run_bench
+
+    cfg = BenchConfig()
+    flags = (
+        "students",
+        "methods",
+        "teacher",
+        "device",
+        "threads",
+        "steps",
+        "repeats",
+        "batch_size",
+        "cache_samples",
+    )
+    for flag in flags:
+        if getattr(args, flag) is not None:
+            setattr(cfg, flag, getattr(args, flag))
+    result = run_bench(cfg)
+    print(format_bench(result))
+    if args.out:
+        write_json(args.out, result)
+        print(f"-> {args.out}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from ftikd.methods import available_methods, method_class
 
@@ -231,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a runs folder (resumes every unfinished run in it) or a <run>.pending.json")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("bench", help="ftikd's training step and teacher caching against the bare model")
+    p.add_argument("--students", nargs="+", help="student architectures (default resnet8 wrn_16_2)")
+    p.add_argument("--methods", nargs="+", help="methods to time (default ce kd ckd ckd-inbatch)")
+    p.add_argument("--teacher", help="teacher architecture for the caching benchmark (default resnet14)")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--steps", type=int, help="optimizer steps per timed repetition (default 10)")
+    p.add_argument("--repeats", type=int, help="timed repetitions; the median is reported (default 5)")
+    p.add_argument("--batch-size", type=int, help="rows per step (default 64)")
+    p.add_argument(
+        "--cache-samples", type=int, help="samples in the teacher-caching benchmark (default 1024)"
+    )
+    p.add_argument("--out", help="write the results as JSON here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=cmd_methods)

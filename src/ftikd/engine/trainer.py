@@ -27,6 +27,7 @@ from ftikd.data.augment import normalize, random_crop_flip
 from ftikd.errors import FtikdError
 from ftikd.fileio import atomic_write_bytes
 from ftikd.methods.base import Batch, Method, MethodContext
+from ftikd.methods.samplers import IndexSampler
 
 
 @dataclass
@@ -145,6 +146,64 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+@dataclass
+class TrainingParts:
+    """What a training loop needs besides the student: extra modules, optimizer, sampler, RNGs."""
+
+    extra: nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: IndexSampler
+    generator: torch.Generator
+    aug_generator: torch.Generator
+
+
+def build_training(
+    student: nn.Module, method: Method, data: TrainData, cfg: TrainConfig, seed: int
+) -> TrainingParts:
+    """Move the student to the device, let the method build its modules, make optimizer and sampler.
+
+    The optimizer covers the student and every extra trainable module (METHODS.md §6); samplers and
+    augmentation draw from their own generators seeded from ``seed``.
+    """
+    device = torch.device(cfg.device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    aug_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    student.to(device).train()
+    method.setup(
+        MethodContext(
+            num_train=data.num_train,
+            num_classes=data.num_classes,
+            batch_size=cfg.batch_size,
+            student=student,
+            device=device,
+            teacher_feature_shapes={k: tuple(v.shape[1:]) for k, v in data.teacher_features.items()},
+        )
+    )
+    extra = method.modules().to(device).train()
+    params = list(student.parameters()) + list(extra.parameters())
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sampler = method.sampler(data.num_train, cfg.batch_size, generator)
+    return TrainingParts(extra, optimizer, sampler, generator, aug_generator)
+
+
+def train_step(
+    student: nn.Module,
+    method: Method,
+    data: TrainData,
+    sampler: IndexSampler,
+    optimizer: torch.optim.Optimizer,
+    aug_generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step: sample indices, build the batch on the device, method loss, update."""
+    batch = make_batch(data, sampler.next_batch(), aug_generator)
+    terms = method.loss(student, batch)
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return terms
+
+
 def check_finite(sums: dict[str, torch.Tensor], epoch: int, epoch_steps: int) -> None:
     """Stop with a user-facing message naming the loss term that became NaN or inf.
 
@@ -209,24 +268,9 @@ def fit(
     ``resume`` and an existing checkpoint, training continues from it and, on CPU, ends with the
     same numbers as an uninterrupted run.
     """
-    device = torch.device(cfg.device)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    aug_generator = torch.Generator(device=device).manual_seed(seed + 1)
-    student.to(device).train()
-    method.setup(
-        MethodContext(
-            num_train=data.num_train,
-            num_classes=data.num_classes,
-            batch_size=cfg.batch_size,
-            student=student,
-            device=device,
-            teacher_feature_shapes={k: tuple(v.shape[1:]) for k, v in data.teacher_features.items()},
-        )
-    )
-    extra = method.modules().to(device).train()
-    params = list(student.parameters()) + list(extra.parameters())
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sampler = method.sampler(data.num_train, cfg.batch_size, generator)
+    parts = build_training(student, method, data, cfg, seed)
+    extra, optimizer, sampler = parts.extra, parts.optimizer, parts.sampler
+    generator, aug_generator = parts.generator, parts.aug_generator
     epoch_steps = steps_per_epoch(data.num_train, cfg.batch_size)
 
     loop = LoopState()
@@ -246,12 +290,7 @@ def fit(
         lr = cfg.lr * cfg.lr_decay**loop.phase
         sums: dict[str, torch.Tensor] = {}
         for _ in range(epoch_steps):
-            batch = make_batch(data, sampler.next_batch(), aug_generator)
-            terms = method.loss(student, batch)
-            loss = sum(terms.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            terms = train_step(student, method, data, sampler, optimizer, aug_generator)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
         loop.epoch += 1
