@@ -312,11 +312,14 @@ def _strip_times(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: v for k, v in h.items() if k != "time_s"} for h in record["history"]]
 
 
-def campaign_training(kills: int, seed: int, workdir: Path, runs: int = 2) -> dict[str, Any]:
+def campaign_training(
+    kills: int, seed: int, workdir: Path, runs: int = 2, max_kills_per_run: int = 6
+) -> dict[str, Any]:
     """Kill ``ftikd distill --resume`` at random moments (start-up, caching, training, record writing).
 
-    Each of ``runs`` runs (seeds 1..runs, KD on digits) is restarted with the same command until it
-    exits 0; the kills are spread over the runs. Then: every run has exactly one record, equal
+    Runs (seeds 1, 2, ..., KD on digits) are restarted with the same command until they exit 0; each
+    takes up to ``max_kills_per_run`` kills, and further runs are started until ``kills`` kills were
+    sent and at least ``runs`` runs finished. Then: every run has exactly one record, equal
     (metrics and per-epoch history) to an uninterrupted in-process reference; no checkpoint or
     pending file is left; the store opens, holds every sample once, and its ledger of paid calls
     equals the number of distinct samples (no paid call lost or paid twice).
@@ -331,10 +334,12 @@ def campaign_training(kills: int, seed: int, workdir: Path, runs: int = 2) -> di
     teacher = _campaign_teacher(workdir / "teacher.safetensors")
     out = workdir / "killed" / "runs"
     failures: list[str] = []
-    kills_sent = resumes = resumes_ok = 0
-    per_run_kills = [kills // runs + (i < kills % runs) for i in range(runs)]
+    kills_sent = kills_missed = resumes = resumes_ok = 0
     results = []
-    for run in range(runs):
+    run = -1
+    while (kills_sent < kills and run + 1 < runs + kills) or run + 1 < runs:
+        run += 1
+        planned = min(max_kills_per_run, kills - kills_sent)
         args = [*TRAIN_ARGS, "--seed", str(run + 1), "--teacher", str(teacher)]
         ref_started = time.perf_counter()
         ref_cfg = _cli_config(args, workdir / "reference" / "runs")
@@ -350,9 +355,11 @@ def campaign_training(kills: int, seed: int, workdir: Path, runs: int = 2) -> di
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            if attempt <= per_run_kills[run]:
+            if attempt <= planned:
                 time.sleep(rng.uniform(0.2, 3.0 + ref_s))  # start-up (imports) takes about 3 s
-                if proc.poll() is None:
+                if proc.poll() is not None:
+                    kills_missed += 1  # it finished before the chosen moment
+                else:
                     os.kill(proc.pid, signal.SIGKILL)
                     proc.wait()
                     kills_sent += 1
@@ -388,11 +395,12 @@ def campaign_training(kills: int, seed: int, workdir: Path, runs: int = 2) -> di
         with TeacherStore.open(store, store.stem.split("-", 1)[1], "digits", 10) as s:
             stored += s.count()
             paid += s.paid_calls()
-    distinct = _distinct_samples(runs)
+    distinct = _distinct_samples(run + 1)
     return {
         "campaign": "training",
         "seed": seed,
-        "runs": runs,
+        "runs": run + 1,
+        "kills_missed": kills_missed,
         "kills_requested": kills,
         "kills_tried": kills_sent,
         "resumes": resumes,
