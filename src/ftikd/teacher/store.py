@@ -137,6 +137,26 @@ def _begin_write(conn: sqlite3.Connection, path: Path, progress: Callable[[], in
             )
 
 
+def _ensure_wal(conn: sqlite3.Connection, path: Path) -> str:
+    """Switch the database to WAL journaling if it is not already; returns the journal mode.
+
+    Asking for WAL on a database that already uses it can still wait for a lock held by another
+    process's long write transaction (ours hold the lock while the teacher runs), so the mode is
+    read first and a busy answer is retried for as long as a writer may legitimately hold the lock.
+    """
+    since = time.monotonic()
+    while True:
+        try:
+            mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+            if mode != "wal":
+                mode = str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+            return mode
+        except sqlite3.OperationalError as e:
+            if not _is_busy(e) or time.monotonic() - since > _STALL_S:
+                raise
+            time.sleep(0.05)
+
+
 class TeacherStore:
     """Durable cache of teacher outputs for one teacher version and one dataset.
 
@@ -190,8 +210,8 @@ class TeacherStore:
             raise FtikdError(f"cannot open store {p}: {e}; check the path and its permissions") from e
         initialising = False
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
+            mode = _ensure_wal(conn, p)
+            if mode != "wal":
                 raise FtikdError(f"store {p} cannot use WAL journaling (mode {mode}); put it on a local disk")
             conn.execute("PRAGMA synchronous=FULL")
             if not _tables(conn):
