@@ -1,5 +1,7 @@
 """The FTI-KD schedule: pseudo-epochs, patience in evaluations, phases, best-checkpoint restore."""
 
+import json
+
 import pytest
 import torch
 
@@ -134,3 +136,50 @@ def test_unreadable_training_checkpoint_is_a_user_error(tmp_path):
             checkpoint=ckpt,
             resume=True,
         )
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    import torch.nn.functional as F
+
+    from ftikd.engine.trainer import load_checkpoint_state
+    from ftikd.errors import FtikdError
+    from ftikd.methods.base import Method
+
+    class TurnsNaN(Method):
+        name = "turns-nan"
+        call_cost = 0
+        steps = 0
+
+        def loss(self, student, batch):
+            self.steps += 1
+            ce = F.cross_entropy(student(batch.images).logits, batch.labels)
+            return {"ce": ce, "bad": ce * float("nan") if self.steps > 7 else ce * 0}
+
+    ckpt = tmp_path / "state.pt"
+    student = build_model("resnet8", in_channels=1, num_classes=3)
+    with pytest.raises(
+        FtikdError, match=r"loss term\(s\) .*bad became non-finite during pseudo-epoch 3 \(steps 7-9\)"
+    ):
+        fit(student, TurnsNaN(), tiny_data(), TrainConfig(batch_size=16, max_epochs=5), 0, checkpoint=ckpt)
+    saved = load_checkpoint_state(ckpt)
+    assert json.loads(saved["loop"])["epoch"] == 2  # the last good pseudo-epoch
+    assert all(torch.isfinite(v).all() for v in saved["current"]["student"].values() if v.is_floating_point())
+
+
+def test_training_checkpoint_carrying_code_is_refused(tmp_path):
+
+    from ftikd.engine.trainer import load_checkpoint_state
+    from ftikd.errors import FtikdError
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    ckpt = tmp_path / "state.pt"
+    torch.save({"loop": Evil()}, ckpt)
+    marker.unlink(missing_ok=True)  # torch.save itself does not run it, but be sure
+    with pytest.raises(FtikdError, match="delete it to restart"):
+        load_checkpoint_state(ckpt)
+    assert not marker.exists()
