@@ -3,26 +3,11 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from ftikd.cli import main
-from ftikd.models import build_model
-from ftikd.teacher import TeacherStore, save_checkpoint
-
-
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory) -> Path:
-    """An untrained digits teacher checkpoint: enough for error paths, no training cost."""
-    path = tmp_path_factory.mktemp("teacher") / "t.safetensors"
-    torch.manual_seed(0)
-    model = build_model("resnet8", in_channels=1, num_classes=10)
-    save_checkpoint(
-        model, path, {"arch": "resnet8", "in_channels": 1, "num_classes": 10, "dataset": "digits"}
-    )
-    return path
+from ftikd.teacher import TeacherStore
 
 
 def run_cli(args, capsys):

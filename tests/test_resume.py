@@ -7,39 +7,35 @@ import subprocess
 import sys
 import time
 
-import pytest
-import torch
-
 from ftikd.cli import main
 from ftikd.experiments.run import RunConfig, RunPaths, run_distillation
-from ftikd.models import build_model
-from ftikd.teacher import save_checkpoint
 
 ARGS = ["--dataset", "digits", "--method", "ckd", "--opt", "k=3", "--calls", "160", "--seed", "4",
         "--patience", "6", "--phases", "2", "--max-epochs", "40", "--no-progress"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("t") / "teacher.safetensors"
-    torch.manual_seed(0)
-    model = build_model("resnet8", in_channels=1, num_classes=10)
-    save_checkpoint(
-        model, path, {"arch": "resnet8", "in_channels": 1, "num_classes": 10, "dataset": "digits"}
-    )
-    return path
 
 
 def strip_times(record):
     return [{k: v for k, v in h.items() if k != "time_s"} for h in record["history"]]
 
 
-def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path, teacher, capsys):
-    assert main(["distill", *ARGS, "--teacher", str(teacher), "--out", str(tmp_path / "a" / "runs")]) == 0
+def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path, digits_teacher, capsys):
+    assert (
+        main(["distill", *ARGS, "--teacher", str(digits_teacher), "--out", str(tmp_path / "a" / "runs")]) == 0
+    )
     reference = json.loads(next((tmp_path / "a" / "runs").glob("*.json")).read_text())
 
     out = tmp_path / "b" / "runs"
-    cmd = [sys.executable, "-m", "ftikd.cli", "distill", *ARGS, "--teacher", str(teacher), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ftikd.cli",
+        "distill",
+        *ARGS,
+        "--teacher",
+        str(digits_teacher),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cfg = RunConfig.from_file(tmp_path / "a" / "runs" / f"{reference['run']}.json")
     cfg.out = str(out)
