@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from ftikd.cli import main
-from ftikd.teacher import TeacherStore
+from ftikd.models import build_model
+from ftikd.teacher import TeacherStore, save_checkpoint
 
 
 def run_cli(args, capsys):
@@ -149,3 +150,12 @@ def test_bench_runs_and_reports_ratios(tmp_path, capsys):
     ]
     assert "16 images/step" in rows[2]["what"]  # group CKD k=2: 8 groups x 2 images
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_teacher_for_another_dataset_is_refused(tmp_path, capsys):
+    path = tmp_path / "five.safetensors"
+    model = build_model("resnet8", in_channels=1, num_classes=5)
+    save_checkpoint(model, path, {"arch": "resnet8", "in_channels": 1, "num_classes": 5, "dataset": "other"})
+    code, err = run_cli(distill_args(tmp_path, path, "--method", "kd"), capsys)
+    assert_one_line_error(code, err, "5 classes", "pass a teacher trained on digits")
+    assert not (tmp_path / "runs").exists()

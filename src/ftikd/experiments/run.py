@@ -24,7 +24,7 @@ from ftikd.errors import FtikdError
 from ftikd.experiments.config_check import check_run_config
 from ftikd.methods import Method, build_method
 from ftikd.models import build_model
-from ftikd.teacher import Teacher, TeacherStore
+from ftikd.teacher import Teacher, TeacherStore, read_checkpoint_meta
 
 
 @dataclass
@@ -127,6 +127,17 @@ def teacher_view_images(dataset: ImageDataset, view: int, device: torch.device):
     return images_for
 
 
+def check_teacher_fits(path: str, dataset_name: str, dataset: ImageDataset) -> None:
+    """A checkpoint teacher must take the dataset's channels and predict its number of classes."""
+    meta = read_checkpoint_meta(path)
+    if (meta["in_channels"], meta["num_classes"]) != (dataset.channels, dataset.num_classes):
+        raise FtikdError(
+            f"teacher {path} was trained on {meta.get('dataset')} ({meta['in_channels']} channels, "
+            f"{meta['num_classes']} classes) but {dataset_name} has {dataset.channels} channels and "
+            f"{dataset.num_classes} classes; pass a teacher trained on {dataset_name}"
+        )
+
+
 def cached_teacher_outputs(
     cfg: RunConfig, dataset: ImageDataset, train_idx: torch.Tensor, method: Method, teacher: Teacher | None
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, Any]]:
@@ -138,6 +149,7 @@ def cached_teacher_outputs(
             raise FtikdError(
                 f"method {cfg.method!r} needs a teacher; pass --teacher PATH (see ftikd train-teacher)"
             )
+        check_teacher_fits(cfg.teacher, cfg.dataset, dataset)
         teacher = Teacher.from_checkpoint(
             cfg.teacher, feature_names=method.teacher_features, device=cfg.train.device
         )
