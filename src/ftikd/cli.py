@@ -86,7 +86,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 def distill_config(args: argparse.Namespace):
     """The RunConfig of ``ftikd distill``: the --config file (if any) overridden by the flags."""
-    from ftikd.experiments.demo import parse_options
+    from ftikd.experiments.options import parse_options
     from ftikd.experiments.run import RunConfig
 
     cfg = RunConfig.from_file(args.config) if args.config else RunConfig()

@@ -13,10 +13,11 @@ from typing import Any
 
 from ftikd.analysis.plot import plot_accuracy_vs_calls
 from ftikd.analysis.summary import format_table, summarise
-from ftikd.data import load_dataset
+from ftikd.data import load_dataset, validate_budget
 from ftikd.engine.record import write_json
 from ftikd.engine.trainer import TrainConfig
 from ftikd.errors import FtikdError
+from ftikd.experiments.options import parse_options
 from ftikd.experiments.run import RunConfig, run_distillation
 from ftikd.fileio import atomic_write_text
 from ftikd.teacher import Teacher, read_checkpoint_meta
@@ -38,30 +39,6 @@ class MethodSpec:
         options = parse_options([o for o in opts.split(",") if o])
         lr = options.pop("lr", None)
         return cls(name, options, None if lr is None else float(lr))
-
-
-def parse_value(text: str) -> Any:
-    """Interpret a ``key=value`` value as bool, int, float or string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``["k=3", "form=kl"]`` -> ``{"k": 3, "form": "kl"}``; malformed pairs are a user error."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise FtikdError(f"method option {pair!r} must look like key=value, e.g. k=3")
-        options[key.strip()] = parse_value(value.strip())
-    return options
 
 
 @dataclass
@@ -122,12 +99,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run the whole demo and return its summary (also written to ``<out>/summary.json``)."""
     started = time.perf_counter()
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
-    for n in cfg.budgets:
-        if n + n // 4 > dataset.train_images.shape[0]:
-            raise FtikdError(
-                f"demo budget n={n} needs {n + n // 4} training samples; the split has "
-                f"{dataset.train_images.shape[0]}; lower --budgets"
-            )
+    for n in cfg.budgets:  # refuse an impossible budget before training the teacher
+        validate_budget(dataset.train_images.shape[0], n)
     teacher_path, teacher_meta = demo_teacher(cfg, progress)
     teacher = Teacher.from_checkpoint(teacher_path, device=cfg.train.device)
     records = []

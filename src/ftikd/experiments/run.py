@@ -47,22 +47,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         """Build from a plain dict (a config file or a run record's ``config`` block)."""
-        check_run_config(raw, cls)
-        raw = dict(raw.get("config", raw))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise FtikdError(
-                f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
-            )
-        train_raw = raw.pop("train", {}) or {}
-        train_known = {f.name for f in dataclasses.fields(TrainConfig)}
-        bad = sorted(set(train_raw) - train_known)
-        if bad:
-            raise FtikdError(
-                f"unknown train key(s) {', '.join(bad)}; valid keys: {', '.join(sorted(train_known))}"
-            )
-        return cls(**raw, train=TrainConfig(**train_raw))
+        config = check_run_config(raw, cls)  # keys and value types, nested train block included
+        train = TrainConfig(**(config.pop("train", None) or {}))
+        return cls(**config, train=train)
 
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:

@@ -1,0 +1,31 @@
+"""``key=value`` method options from the command line (``--opt k=3``, ``ckd:k=3,lr=0.01``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftikd.errors import FtikdError
+
+
+def parse_value(text: str) -> Any:
+    """Interpret a ``key=value`` value as bool, int, float or string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``["k=3", "form=kl"]`` -> ``{"k": 3, "form": "kl"}``; malformed pairs are a user error."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise FtikdError(f"method option {pair!r} must look like key=value, e.g. k=3")
+        options[key.strip()] = parse_value(value.strip())
+    return options
