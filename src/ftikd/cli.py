@@ -118,6 +118,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from ftikd.distributed import dist_context
+    from ftikd.experiments.cache import CacheConfig, run_cache
+
+    cfg = CacheConfig()
+    for field in dataclasses.fields(cfg):  # every field has a flag of the same name
+        if getattr(args, field.name) is not None:
+            setattr(cfg, field.name, getattr(args, field.name))
+    result = run_cache(cfg, progress=not args.no_progress)
+    if dist_context().is_main:
+        print(result.summary())
+    return 0
+
+
 def print_run(result) -> None:
     """One line per finished run: accuracy, best validation point, teacher calls, record path."""
     m, calls = result.record["metrics"], result.record["teacher_calls"]
@@ -258,6 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a runs folder (resumes every unfinished run in it) or a <run>.pending.json")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser(
+        "cache", help="pay for teacher outputs on many training samples; data-parallel under torchrun"
+    )
+    p.add_argument("--teacher", help="teacher checkpoint (.safetensors from ftikd train-teacher)")
+    p.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100, digits or folder:PATH")
+    p.add_argument("--data-dir", help="where the dataset files are")
+    p.add_argument("--samples", type=int, help="how many training samples (default: all)")
+    p.add_argument("--seed", type=int, help="cache a random subset drawn with this seed (default: the first)")
+    p.add_argument("--view", type=int, help="seed of the teacher's augmented view, as in distill (default 0)")
+    p.add_argument("--store", help="teacher-output store (default: the one ftikd distill --out OUT uses)")
+    p.add_argument("--out", help="runs folder whose default store to fill (default results/runs)")
+    p.add_argument("--device", help="cpu or cuda (default cpu; under torchrun each rank uses its GPU)")
+    p.add_argument("--batch-size", type=int, help="samples per teacher call and commit (default 256)")
+    p.add_argument("--max-calls", type=int, help="set the store's lifetime cap on paid teacher calls")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("bench", help="ftikd's training step and teacher caching against the bare model")
     p.add_argument("--students", nargs="+", help="student architectures (default resnet8 wrn_16_2)")
