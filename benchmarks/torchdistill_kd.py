@@ -3,7 +3,7 @@
 Run it with the python of a virtual environment that has torchdistill and torchvision (ftikd's own
 environment does not need either)::
 
-    /tmp/tdv/bin/python benchmarks/torchdistill_kd.py --students resnet8 wrn_16_2 --json
+    /tmp/tdv/bin/python benchmarks/torchdistill_kd.py --students resnet8 --threads 2 --json
 
 It builds ftikd's student and teacher architectures (imported from this checkout's ``src``), the
 bench's synthetic uint8 images and labels, and trains with torchdistill's own machinery as a
@@ -13,7 +13,7 @@ config dict (``WeightedSumLoss`` over ``KDLoss`` with T=4, CE weight 1 and KD we
 transforms one PIL image at a time (random crop with padding 4, horizontal flip, ``ToTensor``,
 ``Normalize``), as torchvision's MNIST-style datasets do.
 
-For each student, per repetition and in turn (round-robin, so all see the same machine load):
+Timed for each student, in rounds that run each of these once, in turn:
 
 - ``torchdistill-bare``: the bare student step in this environment (its torch may differ from ftikd's);
 - ``torchdistill-kd-teacher``: torchdistill's default, the teacher's forward on every batch;
@@ -21,8 +21,11 @@ For each student, per repetition and in turn (round-robin, so all see the same m
   registered teacher ``forward_proc`` and dataset wrapper. torchdistill 1.x has no built-in
   teacher-output cache; this is the closest to ftikd's ``kd`` step, which reads cached logits.
 
-Images/s are medians over repetitions after warm-up; ``ratio`` is the median of per-repetition
-ratios to the bare step measured in the same round. ``--json`` prints one JSON object on stdout.
+On its own, the script runs warm-up and timed rounds and reports rows in ``ftikd bench``'s shape:
+median images/s and ``ratio``, the median of per-round ratios to the bare step of the same round
+(``--json``: one JSON object on stdout). With ``--serve`` (how ``ftikd bench --torchdistill-python``
+runs it) it times one round per student name read on stdin, so that the bench can interleave these
+rounds with its own.
 """
 
 from __future__ import annotations
@@ -37,23 +40,22 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import Dataset, RandomSampler
+from typing import Any, TextIO
 
 try:
+    import torch
+    import torch.nn.functional as F
     import torchdistill
     import torchvision
+    from torch import nn
+    from torch.utils.data import Dataset, RandomSampler
     from torchdistill.core.distillation import get_distillation_box
     from torchdistill.core.interfaces.registry import register_forward_proc_func
     from torchdistill.datasets.registry import register_dataset_wrapper
     from torchdistill.datasets.wrapper import BaseDatasetWrapper
     from torchvision import transforms
-except ImportError as exc:  # exit code 3 tells ``ftikd bench`` that the environment lacks torchdistill
-    print(f"torchdistill/torchvision not importable in {sys.executable}: {exc}", file=sys.stderr)
+except ImportError as exc:  # exit code 3: ``ftikd bench`` says how to make the venv
+    print(f"torch/torchdistill/torchvision not importable in {sys.executable}: {exc}", file=sys.stderr)
     sys.exit(3)
 
 REPO_SRC = Path(__file__).resolve().parents[1] / "src"
@@ -69,6 +71,9 @@ def import_ftikd_models() -> types.ModuleType:
     package.__path__ = [str(REPO_SRC / "ftikd")]
     sys.modules.setdefault("ftikd", package)
     return importlib.import_module("ftikd.models")
+
+
+FTIKD_MODELS = import_ftikd_models()
 
 
 @register_forward_proc_func(key="ftikd_logits")
@@ -111,8 +116,9 @@ class SyntheticImages(Dataset):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's settings; ``ftikd bench`` passes its own values for every one."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--students", nargs="+", default=["resnet8", "wrn_16_2"])
+    p.add_argument("--students", nargs="+", default=["resnet8", "wrn_16_2", "resnet8x4"])
     p.add_argument("--teacher", default="resnet14")
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--image-size", type=int, default=28)
@@ -125,6 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--serve", action="store_true", help="for ftikd bench: time one round per stdin line")
     return p.parse_args(argv)
 
 
@@ -210,21 +217,14 @@ def bare_steps(student: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int)
     return run
 
 
-def interleaved_times(
-    fns: dict[str, Callable[[], None]], warmup: int, repeats: int, sync: Callable[[], None]
-) -> dict[str, list[float]]:
-    """Per-repetition wall times of each function, run round-robin after ``warmup`` rounds."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            started = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - started)
+def time_round(fns: dict[str, Callable[[], None]], sync: Callable[[], None]) -> dict[str, float]:
+    """Wall time of each function, run once each in order."""
+    times = {}
+    for kind, fn in fns.items():
+        started = time.perf_counter()
+        fn()
+        sync()
+        times[kind] = time.perf_counter() - started
     return times
 
 
@@ -235,22 +235,12 @@ WHAT = {
 }
 
 
-def bench_student(args: argparse.Namespace, arch: str, models: types.ModuleType) -> list[dict]:
-    """Bare step and both torchdistill KD modes for one student, interleaved."""
+def student_timers(args: argparse.Namespace, arch: str, teacher: nn.Module) -> dict[str, Callable[[], None]]:
+    """Bare step and both torchdistill KD modes for one student, each built once."""
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     images, labels = synthetic_data(args)
     mean, std = (0.5,) * args.channels, (0.25,) * args.channels
-
-    def build(name: str) -> nn.Module:
-        torch.manual_seed(0)
-        return models.build_model(name, in_channels=args.channels, num_classes=args.num_classes).to(device)
-
-    teacher = build(args.teacher).eval()
-    with torch.no_grad():
-        m, s = (torch.tensor(v).view(-1, 1, 1) for v in (mean, std))
-        plain = (images.float() / 255 - m) / s
-        CACHED_LOGITS["logits"] = torch.cat([teacher(b.to(device)).logits for b in plain.split(256)])
+    plain = normalised(args, images[: args.batch_size])
     augment = transforms.Compose(
         [
             transforms.RandomCrop(args.image_size, padding=4),
@@ -262,16 +252,41 @@ def bench_student(args: argparse.Namespace, arch: str, models: types.ModuleType)
     dataset = SyntheticImages(images, labels, augment)
     fns = {
         "torchdistill-bare": bare_steps(
-            build(arch), plain[: args.batch_size].to(device), labels[: args.batch_size].to(device), args.steps
+            build(args, arch), plain, labels[: args.batch_size].to(device), args.steps
         )
     }
     for kind, cached in (("torchdistill-kd-teacher", False), ("torchdistill-kd-cached", True)):
+        config = train_config(args, cached)
         box = get_distillation_box(
-            teacher, build(arch), {"train": dataset}, train_config(args, cached), device, None, False, 1
+            teacher, build(args, arch), {"train": dataset}, config, device, None, False, 1
         )
         fns[kind] = box_steps(box, device, args.steps)
-    times = interleaved_times(fns, args.warmup, args.repeats, sync)
-    rates = {kind: [args.steps * args.batch_size / t for t in ts] for kind, ts in times.items()}
+    return fns
+
+
+def build(args: argparse.Namespace, arch: str) -> nn.Module:
+    """An ftikd architecture with the bench's shape, seeded like ``ftikd bench``."""
+    torch.manual_seed(0)
+    model = FTIKD_MODELS.build_model(arch, in_channels=args.channels, num_classes=args.num_classes)
+    return model.to(args.device)
+
+
+def cache_teacher_logits(args: argparse.Namespace, teacher: nn.Module) -> None:
+    """Teacher logits of every (unaugmented) training image, once, for the cached-logits mode."""
+    images, _ = synthetic_data(args)
+    with torch.no_grad():
+        CACHED_LOGITS["logits"] = torch.cat([teacher(normalised(args, b)).logits for b in images.split(256)])
+
+
+def normalised(args: argparse.Namespace, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as the bench normalises them (mean 0.5, std 0.25 per channel), on the device."""
+    mean, std = (torch.full((args.channels, 1, 1), v) for v in (0.5, 0.25))
+    return ((images.float() / 255 - mean) / std).to(args.device)
+
+
+def rows_from_rounds(args: argparse.Namespace, arch: str, rounds: list[dict[str, float]]) -> list[dict]:
+    """Rows in ``ftikd bench``'s shape: median images/s, median per-round ratio to the bare step."""
+    rates = {kind: [args.steps * args.batch_size / r[kind] for r in rounds] for kind in rounds[0]}
     bare = rates["torchdistill-bare"]
     return [
         {
@@ -285,28 +300,64 @@ def bench_student(args: argparse.Namespace, arch: str, models: types.ModuleType)
     ]
 
 
+def serve(
+    args: argparse.Namespace,
+    timers: dict[str, dict[str, Callable[[], None]]],
+    sync: Callable[[], None],
+    out: TextIO,
+) -> None:
+    """For ``ftikd bench``: one JSON line of round times per student name read on stdin.
+
+    The bench interleaves these rounds with its own, so that both sides of every ftikd/torchdistill
+    ratio are timed within seconds of each other on a machine whose load changes.
+    """
+    what = {kind: text.format(torch=torch.__version__, teacher=args.teacher) for kind, text in WHAT.items()}
+    print(json.dumps({"what": what, "versions": versions()}), file=out, flush=True)
+    for line in sys.stdin:
+        print(json.dumps(time_round(timers[line.strip()], sync)), file=out, flush=True)
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}), file=out, flush=True)
+
+
+def versions() -> dict[str, str]:
+    """Versions that affect this side's numbers."""
+    return {
+        "torchdistill": torchdistill.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    out, sys.stdout = sys.stdout, sys.stderr  # stdout carries only this script's own output
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = import_ftikd_models()
-    rows = [row for arch in args.students for row in bench_student(args, arch, models)]
-    result = {
-        "rows": rows,
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "threads": torch.get_num_threads(),
-        "versions": {
-            "torchdistill": torchdistill.__version__,
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "python": sys.version.split()[0],
-        },
-    }
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    teacher = build(args, args.teacher).eval()
+    cache_teacher_logits(args, teacher)
+    timers = {arch: student_timers(args, arch, teacher) for arch in args.students}
+    if args.serve:
+        serve(args, timers, sync, out)
+        return 0
+    rows = []
+    for arch, fns in timers.items():
+        rounds = [time_round(fns, sync) for _ in range(args.warmup + args.repeats)][args.warmup :]
+        rows += rows_from_rounds(args, arch, rounds)
+    result = {"rows": rows, "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
+    result["versions"] = versions()
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result), file=out)
     else:
         for row in rows:
-            print(f"{row['student']:>10} | {row['what']} | {row['images_per_s']:.0f} | {row['ratio']:.2f}")
+            print(
+                f"{row['student']} | {row['what']} | {row['images_per_s']:.0f} | {row['ratio']:.2f}", file=out
+            )
     return 0
 
 

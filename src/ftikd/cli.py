@@ -158,6 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "repeats",
         "batch_size",
         "cache_samples",
+        "torchdistill_python",
     )
     for flag in flags:
         if getattr(args, flag) is not None:
@@ -291,9 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("bench", help="ftikd's training step and teacher caching against the bare model")
-    p.add_argument("--students", nargs="+", help="student architectures (default resnet8 wrn_16_2)")
+    p.add_argument("--students", nargs="+", help="student architectures (default resnet8 wrn_16_2 resnet8x4)")
     p.add_argument("--methods", nargs="+", help="methods to time (default ce kd ckd ckd-inbatch)")
-    p.add_argument("--teacher", help="teacher architecture for the caching benchmark (default resnet14)")
+    p.add_argument("--teacher", help="teacher for caching and torchdistill's KD (default resnet14)")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--steps", type=int, help="optimizer steps per timed repetition (default 10)")
@@ -301,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="rows per step (default 64)")
     p.add_argument(
         "--cache-samples", type=int, help="samples in the teacher-caching benchmark (default 1024)"
+    )
+    p.add_argument(
+        "--torchdistill-python",
+        metavar="PATH",
+        help="python of a venv with torchdistill: also time the same KD training there (docs/bench)",
     )
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=cmd_bench)

@@ -8,21 +8,28 @@ In one process, on the same model, batch size, device and thread count:
   batched crop+flip, normalisation, teacher-output lookup, method loss, update); throughput counts
   the images pushed through the student (64·k per step for group CKD);
 - *teacher caching*: ``TeacherStore.fill`` (view augmentation, teacher, SQLite commit per batch)
-  against the teacher's bare batched inference on the same images.
+  against the teacher's bare batched inference on the same images;
+- optionally *torchdistill*: the same KD training run by ``benchmarks/torchdistill_kd.py`` under
+  another environment's python (torchdistill needs torchvision, which ftikd does not).
 
-Times are medians over repetitions after warm-up; ratios are images/s over the bare rate.
+Each repetition times the bare run and then every candidate in turn (round-robin), so that every
+candidate has a bare run next to it: ratios are medians of per-repetition ratios, images/s medians
+over repetitions, all after warm-up.
 """
 
 from __future__ import annotations
 
+import json
 import resource
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +37,7 @@ import torch.nn.functional as F
 from ftikd.data import normalize, view_crop_flip
 from ftikd.engine.record import library_versions
 from ftikd.engine.trainer import TrainConfig, TrainData, build_training, train_step
+from ftikd.errors import FtikdError
 from ftikd.methods import build_method
 from ftikd.models import build_model
 from ftikd.teacher import Teacher, TeacherStore
@@ -39,7 +47,7 @@ from ftikd.teacher import Teacher, TeacherStore
 class BenchConfig:
     """What to measure; the defaults match the demo's student on Fashion-MNIST-shaped data."""
 
-    students: list[str] = field(default_factory=lambda: ["resnet8", "wrn_16_2"])
+    students: list[str] = field(default_factory=lambda: ["resnet8", "wrn_16_2", "resnet8x4"])
     teacher: str = "resnet14"
     methods: list[str] = field(default_factory=lambda: ["ce", "kd", "ckd", "ckd-inbatch"])
     channels: int = 1
@@ -53,20 +61,61 @@ class BenchConfig:
     cache_samples: int = 1024
     device: str = "cpu"
     threads: int | None = None
+    torchdistill_python: str | None = None
 
 
-def median_time(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
+Round = Callable[[], dict[str, float]]
+"""Runs each of its candidates once and returns their wall times by kind."""
+
+
+def timed(kind: str, fn: Callable[[], None], sync: Callable[[], None]) -> Round:
+    """A round of one candidate timed in this process."""
+
+    def run() -> dict[str, float]:
         started = time.perf_counter()
         fn()
         sync()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        return {kind: time.perf_counter() - started}
+
+    return run
+
+
+def interleaved_times(rounds: list[Round], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Wall times per repetition of every candidate, the rounds run in turn after ``warmup`` passes.
+
+    Timing every candidate within the same pass lets each be compared with the bare run next to it,
+    so that drifts in machine load (other users of a shared machine) cancel out of the ratios.
+    """
+    for _ in range(warmup):
+        for run in rounds:
+            run()
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for run in rounds:
+            for kind, seconds in run().items():
+                times.setdefault(kind, []).append(seconds)
+    return times
+
+
+def median_ratio(rates: dict[str, list[float]], kind: str, base: str) -> float:
+    """Median over repetitions of ``kind``'s rate over ``base``'s rate in the same repetition."""
+    return statistics.median(a / b for a, b in zip(rates[kind], rates[base], strict=True))
+
+
+def rate_rows(
+    model: str, rates: dict[str, list[float]], what: dict[str, str], base: dict[str, str]
+) -> list[dict]:
+    """One row per timed kind: median images/s and the median per-repetition ratio to its base."""
+    return [
+        {
+            "student": model,
+            "what": what[kind],
+            "kind": kind,
+            "images_per_s": statistics.median(rates[kind]),
+            "ratio": median_ratio(rates, kind, base[kind]),
+        }
+        for kind in rates
+    ]
 
 
 def synthetic_data(cfg: BenchConfig, device: torch.device) -> TrainData:
@@ -85,8 +134,10 @@ def synthetic_data(cfg: BenchConfig, device: torch.device) -> TrainData:
     )
 
 
-def bench_student(cfg: BenchConfig, arch: str, data: TrainData, sync: Callable[[], None]) -> list[dict]:
-    """Bare step and every method's ftikd step for one student architecture."""
+def bench_student(
+    cfg: BenchConfig, arch: str, data: TrainData, sync: Callable[[], None], worker: TorchdistillWorker | None
+) -> list[dict]:
+    """Bare step, every method's ftikd step and (with a worker) torchdistill's KD for one student."""
     device = torch.device(cfg.device)
     torch.manual_seed(0)
     student = build_model(arch, in_channels=cfg.channels, num_classes=cfg.num_classes).to(device)
@@ -101,26 +152,28 @@ def bench_student(cfg: BenchConfig, arch: str, data: TrainData, sync: Callable[[
             loss.backward()
             opt.step()
 
-    bare_s = median_time(bare_steps, cfg.warmup, cfg.repeats, sync)
-    bare_rate = cfg.steps * cfg.batch_size / bare_s
-    rows = [{"student": arch, "what": "bare student step", "images_per_s": bare_rate, "ratio": 1.0}]
+    rounds = [timed("bare", bare_steps, sync)]
+    what = {"bare": "bare student step"}
+    images = {"bare": cfg.batch_size}
     for name in cfg.methods:
-        rate, per_step = ftikd_step_rate(cfg, arch, name, data, sync)
-        rows.append(
-            {
-                "student": arch,
-                "what": f"ftikd step: {name} ({per_step} images/step)",
-                "images_per_s": rate,
-                "ratio": rate / bare_rate,
-            }
-        )
-    return rows
+        kind = f"method:{name}"
+        steps, images[kind] = ftikd_steps(cfg, arch, name, data)
+        rounds.append(timed(kind, steps, sync))
+        what[kind] = f"ftikd step: {name} ({images[kind]} images/step)"
+    if worker:
+        rounds.append(lambda: worker.round(arch))
+        what |= worker.what
+        images |= dict.fromkeys(worker.what, cfg.batch_size)
+    times = interleaved_times(rounds, cfg.warmup, cfg.repeats)
+    rates = {kind: [cfg.steps * images[kind] / t for t in ts] for kind, ts in times.items()}
+    base = {kind: "torchdistill-bare" if kind.startswith("torchdistill") else "bare" for kind in rates}
+    return rate_rows(arch, rates, what, base) + versus_torchdistill(arch, rates)
 
 
-def ftikd_step_rate(
-    cfg: BenchConfig, arch: str, method_name: str, data: TrainData, sync: Callable[[], None]
-) -> tuple[float, int]:
-    """Images per second through the student in the engine's ``train_step``, and images per step."""
+def ftikd_steps(
+    cfg: BenchConfig, arch: str, method_name: str, data: TrainData
+) -> tuple[Callable[[], None], int]:
+    """``cfg.steps`` of the engine's ``train_step`` for one method (model built once), and images per step."""
     torch.manual_seed(0)
     model = build_model(arch, in_channels=cfg.channels, num_classes=cfg.num_classes)
     method = build_method(method_name)
@@ -133,7 +186,7 @@ def ftikd_step_rate(
         for _ in range(cfg.steps):
             train_step(model, method, data, parts.sampler, parts.optimizer, parts.aug_generator)
 
-    return cfg.steps * per_step / median_time(steps, cfg.warmup, cfg.repeats, sync), per_step
+    return steps, per_step
 
 
 def bench_caching(cfg: BenchConfig, data: TrainData, sync: Callable[[], None]) -> list[dict]:
@@ -156,7 +209,6 @@ def bench_caching(cfg: BenchConfig, data: TrainData, sync: Callable[[], None]) -
             for start in range(0, n, batch):
                 module(normalize(cpu_images[start : start + batch].to(device), data.mean, data.std))
 
-    bare_rate = n / median_time(bare, 1, cfg.repeats, sync)
     with tempfile.TemporaryDirectory() as tmp:
         counter = iter(range(10**9))
 
@@ -165,28 +217,150 @@ def bench_caching(cfg: BenchConfig, data: TrainData, sync: Callable[[], None]) -
             with TeacherStore.open(path, teacher.fingerprint, "bench", cfg.num_classes) as store:
                 store.fill(samples, 0, images_for, teacher, budget=n, batch_size=batch)
 
-        cached_rate = n / median_time(cached, 1, cfg.repeats, sync)
+        times = interleaved_times(
+            [timed("teacher-bare", bare, sync), timed("caching", cached, sync)], 1, cfg.repeats
+        )
+    rates = {kind: [n / t for t in ts] for kind, ts in times.items()}
+    what = {"teacher-bare": "bare teacher inference", "caching": "teacher caching (store.fill)"}
+    return rate_rows(cfg.teacher, rates, what, dict.fromkeys(rates, "teacher-bare"))
+
+
+TORCHDISTILL_SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "torchdistill_kd.py"
+TORCHDISTILL_VENV = (
+    "create one with: python3 -m venv /tmp/tdv && /tmp/tdv/bin/pip install torch==2.14.1 "
+    "torchvision==0.29.1 torchdistill, then pass --torchdistill-python /tmp/tdv/bin/python"
+)
+TORCHDISTILL_MODES = {
+    "torchdistill-kd-teacher": "teacher forward every step",
+    "torchdistill-kd-cached": "cached teacher logits",
+}
+
+
+def versus_torchdistill(model: str, rates: dict[str, list[float]]) -> list[dict]:
+    """Rows ftikd ``kd`` / torchdistill KD, the median of per-repetition ratios, per torchdistill mode."""
     return [
-        {"student": cfg.teacher, "what": "bare teacher inference", "images_per_s": bare_rate, "ratio": 1.0},
         {
-            "student": cfg.teacher,
-            "what": "teacher caching (store.fill)",
-            "images_per_s": cached_rate,
-            "ratio": cached_rate / bare_rate,
-        },
+            "student": model,
+            "what": f"ratio ftikd kd / torchdistill KD ({mode})",
+            "kind": "ftikd/torchdistill",
+            "images_per_s": None,
+            "ratio": median_ratio(rates, "method:kd", kind),
+        }
+        for kind, mode in TORCHDISTILL_MODES.items()
+        if kind in rates and "method:kd" in rates
     ]
 
 
+class TorchdistillWorker:
+    """``benchmarks/torchdistill_kd.py --serve`` under another python, timing one round per request.
+
+    Rounds on both sides of the pipe alternate (only one side computes at a time), so that ftikd and
+    torchdistill are timed seconds apart under the same machine load. Use it as a context manager.
+    """
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.python = str(cfg.torchdistill_python)
+        if not TORCHDISTILL_SCRIPT.is_file():
+            raise FtikdError(
+                f"--torchdistill-python needs a source checkout ({TORCHDISTILL_SCRIPT} is missing)"
+            )
+        self.log: IO[str] = tempfile.TemporaryFile(mode="w+")
+        try:
+            self.proc = subprocess.Popen(
+                torchdistill_command(cfg),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.log,
+                text=True,
+            )
+        except OSError as exc:
+            self.log.close()
+            raise FtikdError(f"cannot run {self.python} ({exc.strerror}); {TORCHDISTILL_VENV}") from None
+        hello = self.receive()
+        self.what: dict[str, str] = hello["what"]
+        self.versions: dict[str, str] = hello["versions"]
+
+    def __enter__(self) -> TorchdistillWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+    def receive(self) -> dict[str, Any]:
+        """The next JSON line from the script; its death or garbage is a user error."""
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            self.fail()
+
+    def fail(self) -> NoReturn:
+        """Stop the script and raise one line naming the fix."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        code = self.proc.wait()
+        if code == 3:
+            raise FtikdError(
+                f"torch, torchvision or torchdistill is missing for {self.python}; {TORCHDISTILL_VENV}"
+            )
+        self.log.seek(0)
+        detail = (self.log.read().strip().splitlines() or [f"exit status {code}"])[-1]
+        raise FtikdError(
+            f"the torchdistill benchmark failed under {self.python}: {detail}; {TORCHDISTILL_VENV}"
+        )
+
+    def round(self, arch: str) -> dict[str, float]:
+        """Wall times of the script's bare step and KD modes for ``arch``, one run each."""
+        try:
+            self.proc.stdin.write(arch + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self.fail()
+        return self.receive()
+
+    def close(self) -> dict[str, Any]:
+        """End the script; its peak RSS and versions."""
+        self.proc.stdin.close()
+        info = self.receive()
+        self.proc.wait()
+        return {"versions": self.versions, **info}
+
+
+def torchdistill_command(cfg: BenchConfig) -> list[str]:
+    """The command serving ``benchmarks/torchdistill_kd.py`` rounds with this bench's settings and threads."""
+    settings = {
+        "teacher": cfg.teacher,
+        "channels": cfg.channels,
+        "image-size": cfg.image_size,
+        "num-classes": cfg.num_classes,
+        "num-train": cfg.num_train,
+        "batch-size": cfg.batch_size,
+        "steps": cfg.steps,
+        "threads": torch.get_num_threads(),
+        "device": cfg.device,
+    }
+    flags = [arg for name, value in settings.items() for arg in (f"--{name}", str(value))]
+    script = str(TORCHDISTILL_SCRIPT)
+    return [str(cfg.torchdistill_python), script, "--serve", "--students", *cfg.students, *flags]
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Measure everything in ``cfg`` and return the rows with the settings and versions."""
+    """Measure everything in ``cfg`` and return the rows with the settings and versions.
+
+    The torchdistill script (if asked for) starts first, so that a broken environment fails before
+    the minutes of measurement.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    data = synthetic_data(cfg, device)
-    rows = []
-    for arch in cfg.students:
-        rows += bench_student(cfg, arch, data, sync)
+    with TorchdistillWorker(cfg) if cfg.torchdistill_python else nullcontext() as worker:
+        device = torch.device(cfg.device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        data = synthetic_data(cfg, device)
+        rows = [row for arch in cfg.students for row in bench_student(cfg, arch, data, sync, worker)]
+        torchdistill = worker.close() if worker else None
     rows += bench_caching(cfg, data, sync)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
@@ -198,13 +372,23 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         ),
         "threads": torch.get_num_threads(),
         "versions": library_versions(),
+        "torchdistill": torchdistill,
     }
 
 
 def format_bench(result: dict[str, Any]) -> str:
     """The rows as a markdown table."""
-    lines = ["| model | measured | images/s | ratio to bare |", "|---|---|---|---|"]
+    lines = ["| model | measured | images/s | ratio |", "|---|---|---|---|"]
     for row in result["rows"]:
-        lines.append(f"| {row['student']} | {row['what']} | {row['images_per_s']:.0f} | {row['ratio']:.2f} |")
-    lines.append(f"\npeak RSS {result['peak_rss_mib']} MiB; torch threads {result['threads']}")
+        rate = "—" if row["images_per_s"] is None else f"{row['images_per_s']:.0f}"
+        lines.append(f"| {row['student']} | {row['what']} | {rate} | {row['ratio']:.2f} |")
+    lines.append(
+        "\nratio: median over repetitions of the ratio to the bare step of the same repetition and"
+        "\nenvironment; 'ratio ftikd kd / torchdistill' rows: the same median of ftikd kd over torchdistill."
+    )
+    lines.append(f"peak RSS {result['peak_rss_mib']} MiB; torch threads {result['threads']}")
+    td = result.get("torchdistill")
+    if td:
+        versions = ", ".join(f"{k} {v}" for k, v in td["versions"].items())
+        lines.append(f"torchdistill side: {versions}; peak RSS {td['peak_rss_mib']} MiB")
     return "\n".join(lines)
