@@ -2,7 +2,9 @@
 
 from ftikd.data.augment import (
     Normalizer,
+    apply_crop_flip,
     crop_flip_with_params,
+    draw_crop_flip,
     normalize,
     random_crop_flip,
     view_crop_flip,
@@ -21,6 +23,8 @@ __all__ = [
     "fti_split",
     "load_dataset",
     "normalize",
+    "apply_crop_flip",
+    "draw_crop_flip",
     "random_crop_flip",
     "register_dataset",
     "validate_budget",

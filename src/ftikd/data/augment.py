@@ -21,10 +21,13 @@ def _check_batch(x: torch.Tensor) -> None:
         raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
 
 
-def _crop_flip(
+def apply_crop_flip(
     x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor | None, padding: int
 ) -> torch.Tensor:
-    """Unchecked core of :func:`crop_flip_with_params` (offsets assumed valid and on x's device)."""
+    """:func:`crop_flip_with_params` without its checks, for training loops.
+
+    Offsets must be valid and on x's device; skipping the range check avoids a device sync per batch.
+    """
     b, c, h, w = x.shape
     xp = F.pad(x, (padding, padding, padding, padding)) if padding else x
     hp, wp = h + 2 * padding, w + 2 * padding
@@ -63,7 +66,25 @@ def crop_flip_with_params(
         flip = torch.as_tensor(flip, device=x.device).to(torch.bool).reshape(-1)
         if flip.numel() != b:
             raise ValueError(f"need {b} flip flags, got {flip.numel()}")
-    return _crop_flip(x, dy, dx, flip, padding)
+    return apply_crop_flip(x, dy, dx, flip, padding)
+
+
+def draw_crop_flip(
+    b: int, padding: int, flip: bool, generator: torch.Generator | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Random crop offsets ``dy``, ``dx`` in [0, 2*padding] and flips (prob 0.5) for ``b`` samples.
+
+    Drawn from ``generator`` (or the global RNG) on its device and returned on ``device``; kept apart
+    from applying them so that data-parallel ranks can draw one global batch's parameters identically
+    and augment only their own rows.
+    """
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    rng_device = generator.device if generator is not None else device
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=rng_device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=rng_device)
+    flips = torch.rand(b, generator=generator, device=rng_device) < 0.5 if flip else None
+    return dy.to(device), dx.to(device), flips.to(device) if flips is not None else None
 
 
 def random_crop_flip(
@@ -77,15 +98,8 @@ def random_crop_flip(
     Offsets and flips are drawn independently per sample from ``generator`` (or the global RNG).
     """
     _check_batch(x)
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
-    b = x.shape[0]
-    rng_device = generator.device if generator is not None else x.device
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=rng_device)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=rng_device)
-    flips = torch.rand(b, generator=generator, device=rng_device) < 0.5 if flip else None
-    dev = x.device
-    return _crop_flip(x, dy.to(dev), dx.to(dev), flips.to(dev) if flips is not None else None, padding)
+    dy, dx, flips = draw_crop_flip(x.shape[0], padding, flip, generator, x.device)
+    return apply_crop_flip(x, dy, dx, flips, padding)
 
 
 # ------------------------------------------------------------------------------- deterministic views
@@ -162,7 +176,7 @@ def view_crop_flip(
     """Augment batch ``x`` of samples ``indices`` with their deterministic view ``view``."""
     _check_batch(x)
     dy, dx, flips = view_params(indices.to(x.device), view, x.shape[-2:], padding, flip)
-    return _crop_flip(x, dy, dx, flips if flip else None, padding)
+    return apply_crop_flip(x, dy, dx, flips if flip else None, padding)
 
 
 # ----------------------------------------------------------------------------------------- normalise
