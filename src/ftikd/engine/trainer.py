@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftikd.data.augment import normalize, random_crop_flip
+from ftikd.data.augment import apply_crop_flip, draw_crop_flip, normalize
+from ftikd.distributed import DistContext, dist_context
+from ftikd.engine.parallel import average_gradients, mean_over_ranks, rank_rows, wrap_data_parallel
 from ftikd.errors import FtikdError
 from ftikd.fileio import atomic_write_bytes
 from ftikd.methods.base import Batch, Method, MethodContext
@@ -44,6 +46,42 @@ class TrainConfig:
     lr_decay: float = 0.1
     eval_batch_size: int = 1000
     device: str = "cpu"
+    precision: str = "auto"
+    memory_format: str = "auto"
+    compile: bool = False
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How a training step runs: autocast dtype (None: fp32), this rank's rows of the global batch, and
+    a hook run between backward and the update (data-parallel averaging of extra modules' gradients)."""
+
+    autocast_dtype: torch.dtype | None = None
+    rows: slice | None = None
+    before_update: Callable[[], None] | None = None
+
+
+def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """``auto`` means bf16 autocast on a CUDA device that supports it and fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise FtikdError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def resolve_channels_last(memory_format: str, device: torch.device) -> bool:
+    """``auto`` means channels_last on CUDA (tensor-core convolutions) and the default layout on CPU."""
+    if memory_format not in MEMORY_FORMATS:
+        raise FtikdError(
+            f"unknown memory format {memory_format!r}; choose one of: {', '.join(MEMORY_FORMATS)}"
+        )
+    return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
 
 
 @dataclass
@@ -88,10 +126,23 @@ def steps_per_epoch(num_train: int, batch_size: int) -> int:
     return math.ceil(num_train / batch_size)
 
 
-def make_batch(data: TrainData, index: torch.Tensor, generator: torch.Generator) -> Batch:
-    """Gather, augment and normalise the images of ``index`` ((B,) or (B, k)) plus their targets."""
-    flat = index.reshape(-1).to(data.train_images.device)
-    images = random_crop_flip(data.train_images[flat], data.padding, data.hflip, generator)
+def make_batch(
+    data: TrainData, index: torch.Tensor, generator: torch.Generator, rows: slice | None = None
+) -> Batch:
+    """Gather, augment and normalise the images of ``index`` ((B,) or (B, k)) plus their targets.
+
+    Augmentation parameters are drawn for the whole batch; with ``rows`` (a data-parallel rank's
+    slice) only those rows are built, so every rank's rows match a single process's batch exactly.
+    """
+    device = data.train_images.device
+    flat = index.reshape(-1).to(device)
+    params = draw_crop_flip(flat.numel(), data.padding, data.hflip, generator, device)
+    if rows is not None:
+        per_row = flat.numel() // max(1, index.shape[0])
+        keep = slice(rows.start * per_row, rows.stop * per_row)
+        index, flat = index[rows], flat[keep]
+        params = tuple(p[keep] if p is not None else None for p in params)
+    images = apply_crop_flip(data.train_images[flat], *params, data.padding)
     images = normalize(images, data.mean, data.std).reshape(*index.shape, *data.train_images.shape[1:])
     teacher = None if data.teacher_logits is None else data.teacher_logits[flat].reshape(*index.shape, -1)
     feats = {k: v[flat].reshape(*index.shape, *v.shape[1:]) for k, v in data.teacher_features.items()}
@@ -155,6 +206,9 @@ class TrainingParts:
     sampler: IndexSampler
     generator: torch.Generator
     aug_generator: torch.Generator
+    model: nn.Module
+    options: StepOptions
+    dist: DistContext
 
 
 def build_training(
@@ -163,12 +217,17 @@ def build_training(
     """Move the student to the device, let the method build its modules, make optimizer and sampler.
 
     The optimizer covers the student and every extra trainable module (METHODS.md §6); samplers and
-    augmentation draw from their own generators seeded from ``seed``.
+    augmentation draw from their own generators seeded from ``seed`` (the same on every rank).
+    ``parts.model`` is what steps forward through: the student, compiled if asked, inside DDP when
+    running under ``torchrun``; checkpoints and evaluation use the plain ``student``.
     """
     device = torch.device(cfg.device)
+    ctx = dist_context()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     aug_generator = torch.Generator(device=device).manual_seed(seed + 1)
     student.to(device).train()
+    if resolve_channels_last(cfg.memory_format, device):
+        student.to(memory_format=torch.channels_last)
     method.setup(
         MethodContext(
             num_train=data.num_train,
@@ -183,7 +242,16 @@ def build_training(
     params = list(student.parameters()) + list(extra.parameters())
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sampler = method.sampler(data.num_train, cfg.batch_size, generator)
-    return TrainingParts(extra, optimizer, sampler, generator, aug_generator)
+    model = wrap_data_parallel(student, device) if ctx.world_size > 1 else student
+    sync_extra = ctx.world_size > 1 and any(p.requires_grad for p in extra.parameters())
+    options = StepOptions(
+        autocast_dtype=resolve_autocast(cfg.precision, device),
+        rows=rank_rows(cfg.batch_size, ctx),
+        before_update=(lambda: average_gradients(extra, ctx)) if sync_extra else None,
+    )
+    if cfg.compile:
+        model.compile()
+    return TrainingParts(extra, optimizer, sampler, generator, aug_generator, model, options, ctx)
 
 
 def train_step(
@@ -193,13 +261,22 @@ def train_step(
     sampler: IndexSampler,
     optimizer: torch.optim.Optimizer,
     aug_generator: torch.Generator,
+    options: StepOptions = StepOptions(),
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step: sample indices, build the batch on the device, method loss, update."""
-    batch = make_batch(data, sampler.next_batch(), aug_generator)
-    terms = method.loss(student, batch)
+    """One optimizer step: sample indices, build the batch on the device, method loss, update.
+
+    ``student`` is the module to forward through (``TrainingParts.model``); under autocast only the
+    forward and loss run in reduced precision, the update stays fp32.
+    """
+    batch = make_batch(data, sampler.next_batch(), aug_generator, options.rows)
+    device_type = data.train_images.device.type
+    with torch.autocast(device_type, options.autocast_dtype, enabled=options.autocast_dtype is not None):
+        terms = method.loss(student, batch)
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if options.before_update is not None:
+        options.before_update()
     optimizer.step()
     return terms
 
@@ -266,7 +343,8 @@ def fit(
     With ``checkpoint``, the whole training state (weights, best weights, optimizer, sampler and
     RNG states, schedule bookkeeping) is written atomically after every pseudo-epoch; with
     ``resume`` and an existing checkpoint, training continues from it and, on CPU, ends with the
-    same numbers as an uninterrupted run.
+    same numbers as an uninterrupted run. Under ``torchrun`` each rank trains on its slice of every
+    global batch inside DDP (see :mod:`ftikd.engine.parallel`); only rank 0 writes the checkpoint.
     """
     parts = build_training(student, method, data, cfg, seed)
     extra, optimizer, sampler = parts.extra, parts.optimizer, parts.sampler
@@ -290,10 +368,11 @@ def fit(
         lr = cfg.lr * cfg.lr_decay**loop.phase
         sums: dict[str, torch.Tensor] = {}
         for _ in range(epoch_steps):
-            terms = train_step(student, method, data, sampler, optimizer, aug_generator)
+            terms = train_step(parts.model, method, data, sampler, optimizer, aug_generator, parts.options)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
         loop.epoch += 1
+        sums = mean_over_ranks(sums, parts.dist)
         check_finite(sums, loop.epoch, epoch_steps)
         val_acc, _ = evaluate(
             student, data.val_images, data.val_labels, data.mean, data.std, cfg.eval_batch_size
@@ -318,7 +397,7 @@ def fit(
             record["phase_end"] = True
         loop.history.append(record)
         loop.elapsed_s = time.perf_counter() - started
-        if checkpoint is not None:
+        if checkpoint is not None and parts.dist.is_main:
             save_checkpoint_state(
                 checkpoint,
                 {

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from ftikd.data import ImageDataset, fti_split, load_dataset, normalize, view_crop_flip
+from ftikd.distributed import DistContext, barrier, init_distributed
+from ftikd.engine.parallel import rank_device
 from ftikd.engine.record import library_versions, write_json
 from ftikd.engine.trainer import TrainConfig, TrainData, evaluate, fit
 from ftikd.errors import FtikdError
@@ -175,6 +177,28 @@ def cached_teacher_outputs(
     return logits, feats, calls
 
 
+def teacher_outputs_rank0_first(
+    cfg: RunConfig,
+    dataset: ImageDataset,
+    train_idx: torch.Tensor,
+    method: Method,
+    teacher: Teacher | None,
+    ctx: DistContext,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`cached_teacher_outputs` on rank 0 first; the other ranks then find everything stored.
+
+    One process pays, so data-parallel training never races to pay for the same sample; the other
+    ranks' ``fill`` pays nothing and only reads.
+    """
+    if not ctx.is_main:
+        barrier()
+    try:
+        return cached_teacher_outputs(cfg, dataset, train_idx, method, teacher)
+    finally:
+        if ctx.is_main:
+            barrier()
+
+
 def run_distillation(
     cfg: RunConfig,
     teacher: Teacher | None = None,
@@ -189,21 +213,28 @@ def run_distillation(
     checkpoint rewritten atomically every pseudo-epoch) beside the record; both are removed once
     the record is written. With ``resume``, a finished run returns its record and an unfinished one
     continues from its checkpoint (teacher outputs come back from the store at no cost).
+
+    Under ``torchrun`` every rank runs this: rank 0 pays for the teacher outputs while the others
+    wait, then all train data-parallel on slices of each global batch; only rank 0 writes files.
     """
     paths = RunPaths.of(cfg)
     if resume and paths.record.exists():
         return RunResult(json.loads(paths.record.read_text()), paths.record)
     started = time.perf_counter()
+    ctx = init_distributed(cfg.train.device)
+    write = write and ctx.is_main
+    progress = progress and ctx.is_main
+    train_cfg = dataclasses.replace(cfg.train, device=rank_device(cfg.train.device, ctx))
     method = build_method(cfg.method, **cfg.method_options)
     dataset = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
     split = fti_split(dataset.train_images.shape[0], cfg.calls, cfg.seed)
-    device = torch.device(cfg.train.device)
+    device = torch.device(train_cfg.device)
     # Re-seed right before building the student so every method starts from the same weights (A12);
     # built before any teacher call so that a bad student name costs nothing.
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, in_channels=dataset.channels, num_classes=dataset.num_classes)
     student = student.to(device)
-    logits, feats, calls = cached_teacher_outputs(cfg, dataset, split.train_idx, method, teacher)
+    logits, feats, calls = teacher_outputs_rank0_first(cfg, dataset, split.train_idx, method, teacher, ctx)
     data = TrainData(
         train_images=dataset.train_images[split.train_idx].to(device),
         train_labels=dataset.train_labels[split.train_idx].to(device),
@@ -225,7 +256,7 @@ def run_distillation(
             student,
             method,
             data,
-            cfg.train,
+            train_cfg,
             cfg.seed,
             on_epoch=bar.update_record if bar else None,
             checkpoint=paths.state if write else None,
@@ -263,6 +294,7 @@ def run_distillation(
         },
         "teacher_calls": calls,
         "history": result.history,
+        "processes": ctx.world_size,
         "wall_time_s": round(time.perf_counter() - started, 3),
         "train_time_s": round(result.wall_time_s, 3),
         "versions": library_versions(),

@@ -1,0 +1,99 @@
+"""The accelerator options of a training step (bf16 autocast, channels_last, torch.compile), on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftikd.engine.trainer import (
+    TrainConfig,
+    TrainData,
+    build_training,
+    resolve_autocast,
+    resolve_channels_last,
+    train_step,
+)
+from ftikd.errors import FtikdError
+from ftikd.methods import build_method
+from ftikd.models import build_model
+
+
+def tiny_data() -> TrainData:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 1, 12, 12), generator=g, dtype=torch.uint8)
+    return TrainData(
+        train_images=images,
+        train_labels=torch.randint(0, 10, (64,), generator=g),
+        val_images=images[:8],
+        val_labels=torch.zeros(8, dtype=torch.long),
+        mean=(0.5,),
+        std=(0.25,),
+        num_classes=10,
+        padding=2,
+        teacher_logits=torch.randn(64, 10, generator=g),
+    )
+
+
+def run_steps(steps: int, method_name: str = "kd", **train: object) -> tuple[torch.nn.Module, list[float]]:
+    torch.manual_seed(0)
+    student = build_model("resnet8", in_channels=1, num_classes=10)
+    method = build_method(method_name)
+    data = tiny_data()
+    parts = build_training(student, method, data, TrainConfig(batch_size=16, **train), seed=0)
+    losses = []
+    for _ in range(steps):
+        terms = train_step(
+            parts.model, method, data, parts.sampler, parts.optimizer, parts.aug_generator, parts.options
+        )
+        losses.append(float(sum(t.detach() for t in terms.values())))
+    return student, losses
+
+
+def test_auto_means_fp32_and_contiguous_on_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_autocast("auto", cpu) is None
+    assert resolve_channels_last("auto", cpu) is False
+    assert resolve_autocast("bf16", cpu) is torch.bfloat16
+    assert resolve_channels_last("channels_last", cpu) is True
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("precision", "fp16", "unknown precision 'fp16'"), ("memory_format", "nhwc", "unknown memory format")],
+)
+def test_unknown_settings_are_user_errors(field, value, message):
+    with pytest.raises(FtikdError, match=message):
+        run_steps(0, **{field: value})
+
+
+@pytest.mark.parametrize("method_name", ["kd", "ckd", "ckd-inbatch"])
+def test_bf16_autocast_trains_fp32_weights_close_to_fp32(method_name):
+    """Forward and loss run in bf16 (so the loss differs a little), the weights and update stay fp32."""
+    fp32_model, fp32_losses = run_steps(3, method_name)
+    bf16_model, bf16_losses = run_steps(3, method_name, precision="bf16")
+    assert all(p.dtype == torch.float32 for p in bf16_model.parameters())
+    assert bf16_losses != fp32_losses  # autocast really ran
+    assert bf16_losses == pytest.approx(fp32_losses, rel=0.05)
+
+
+def test_channels_last_gives_the_same_training():
+    """Same forward up to float rounding (other conv kernels), and losses that stay close.
+
+    Gradients are not compared elementwise: a rounding-level change can flip a ReLU whose input is
+    exactly at zero (zero-padded crops make such ties common), which moves some gradients by percents.
+    """
+    dense_model, dense_losses = run_steps(3)
+    nhwc_model, nhwc_losses = run_steps(3, memory_format="channels_last")
+    conv = next(m for m in nhwc_model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert nhwc_losses[0] == pytest.approx(dense_losses[0], rel=1e-5)
+    assert nhwc_losses == pytest.approx(dense_losses, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_student_trains_like_eager():
+    """``compile=True`` (inductor, needs a C++ compiler on CPU) keeps state-dict keys and the numbers."""
+    eager_model, eager_losses = run_steps(3)
+    compiled_model, compiled_losses = run_steps(3, compile=True)
+    assert list(compiled_model.state_dict()) == list(eager_model.state_dict())
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)
