@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -260,7 +261,11 @@ def test_torchrun_two_ranks_equal_single_process(
     assert sorted(got) == sorted(ref) and len(got) == 1438
     assert all(got[s] == ref[s] for s in ref)  # bit-identical float32 logits
     assert _ledger_total(store) == 1438
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.sqlite"]  # no shard left behind
+    assert _files(tmp_path) == ["digits.sqlite", "digits.sqlite.cache-lock"]  # no shard left behind
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
 
 
 def _rank_pid(marker: str, rank: int) -> int | None:
@@ -308,7 +313,7 @@ def test_torchrun_rank_killed_mid_fill_then_rerun(
     ref, got = _rows(single_process_store), _rows(store)
     assert sorted(got) == sorted(ref) and all(got[s] == ref[s] for s in ref)
     assert _ledger_total(store) == 1438  # nothing paid twice: the kill cost only the batch in flight
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.sqlite"]
+    assert _files(tmp_path) == ["digits.sqlite", "digits.sqlite.cache-lock"]
 
 
 def _count(path: Path) -> int:
@@ -337,12 +342,16 @@ def test_cache_merges_leftover_shards_and_respects_max_calls(
     with TeacherStore.open(store, *binding) as got, TeacherStore.open(single_process_store, *binding) as ref:
         # in-process torch may use other thread counts than the reference run, hence close, not equal
         assert torch.allclose(got.logits(torch.arange(300), 0), ref.logits(torch.arange(300), 0), atol=1e-6)
-    assert _ledger_total(store) == 300 and sorted(p.name for p in tmp_path.iterdir()) == ["digits.sqlite"]
+    assert _ledger_total(store) == 300 and _files(tmp_path) == ["digits.sqlite", "digits.sqlite.cache-lock"]
 
     assert main(_cache_args(digits_teacher, store, "--samples", "400", "--max-calls", "350")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "max_calls=350" in err and "needs 100 more" in err, err
-    assert _ledger_total(store) == 300 and sorted(p.name for p in tmp_path.iterdir()) == ["digits.sqlite"]
+    with open(tmp_path / "digits.sqlite.cache-lock") as held:  # another cache job runs on this store
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(_cache_args(digits_teacher, store, "--samples", "400")) == 2
+    assert "another ftikd cache job is filling" in capsys.readouterr().err
+    assert _ledger_total(store) == 300 and _files(tmp_path) == ["digits.sqlite", "digits.sqlite.cache-lock"]
 
 
 def test_cache_user_errors(tmp_path: Path, digits_teacher: Path, capsys: pytest.CaptureFixture) -> None:

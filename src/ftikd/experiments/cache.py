@@ -9,7 +9,10 @@ See docs/distributed.md.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +99,29 @@ def merge_shards(store: TeacherStore) -> int:
     return added
 
 
+@contextlib.contextmanager
+def job_lock(store: Path, ctx: DistContext) -> Iterator[None]:
+    """On rank 0, hold ``<store>.cache-lock`` for the whole job; refuse if another job holds it.
+
+    A second cache job on the same store would take this job's shards for leftovers of a killed job,
+    merge them and delete them while this job's ranks still pay into them. The OS drops the lock
+    when its holder dies, so a killed job never blocks the rerun. The empty lock file stays.
+    """
+    if not ctx.is_main:
+        yield
+        return
+    lock = store.with_name(f"{store.name}.cache-lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FtikdError(
+                f"another ftikd cache job is filling {store}; wait for it to finish (or kill it and rerun)"
+            ) from None
+        yield
+
+
 def run_cache(cfg: CacheConfig, progress: bool = False) -> CacheResult:
     """Make sure the main store holds the teacher's outputs for the selected samples.
 
@@ -123,30 +149,30 @@ def _cache(cfg: CacheConfig, ctx: DistContext, progress: bool) -> CacheResult:
     ids = select_samples(dataset.train_images.shape[0], cfg.samples, cfg.seed)
     path = Path(cfg.store) if cfg.store else default_store_path(cfg.out, cfg.dataset, teacher.fingerprint)
     binding = (teacher.fingerprint, cfg.dataset, dataset.num_classes)
-
-    recovered = 0
-    if ctx.is_main:  # create the store once, and take in what an earlier, killed job paid for
-        with TeacherStore.open(path, *binding, max_calls=cfg.max_calls) as store:
-            recovered = merge_shards(store)
-    barrier()
-    with TeacherStore.open(path, *binding) as store:
-        missing = store.missing(ids, cfg.view)
-        store.check_cap(int(missing.numel()))  # every rank sees the same store, so all refuse together
-        paid_before = store.paid_calls()
-    pay_started = time.perf_counter()
-    mine = shard_indices(missing, ctx)
-    if mine.numel():
-        with TeacherStore.open(shard_path(path, ctx), *binding) as shard:
-            images = teacher_view_images(dataset, cfg.view, torch.device(cfg.device))
-            shard.fill(mine, cfg.view, images, teacher, int(mine.numel()), cfg.batch_size, progress)
-    barrier()
-    merge_started = time.perf_counter()
-    paid = 0
-    if ctx.is_main:
+    with job_lock(path, ctx):
+        recovered = 0
+        if ctx.is_main:  # create the store once, and take in what an earlier, killed job paid for
+            with TeacherStore.open(path, *binding, max_calls=cfg.max_calls) as store:
+                recovered = merge_shards(store)
+        barrier()
         with TeacherStore.open(path, *binding) as store:
-            merge_shards(store)
-            paid = store.paid_calls() - paid_before
-    barrier()
+            missing = store.missing(ids, cfg.view)
+            store.check_cap(int(missing.numel()))  # every rank sees the same store: all refuse together
+            paid_before = store.paid_calls()
+        pay_started = time.perf_counter()
+        mine = shard_indices(missing, ctx)
+        if mine.numel():
+            with TeacherStore.open(shard_path(path, ctx), *binding) as shard:
+                images = teacher_view_images(dataset, cfg.view, torch.device(cfg.device))
+                shard.fill(mine, cfg.view, images, teacher, int(mine.numel()), cfg.batch_size, progress)
+        barrier()
+        merge_started = time.perf_counter()
+        paid = 0
+        if ctx.is_main:
+            with TeacherStore.open(path, *binding) as store:
+                merge_shards(store)
+                paid = store.paid_calls() - paid_before
+        barrier()
     done = time.perf_counter()
     return CacheResult(
         store=path,
