@@ -283,7 +283,7 @@ def _rank_pid(marker: str, rank: int) -> int | None:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's pid through /proc")
 def test_torchrun_rank_killed_mid_fill_then_rerun(
-    tmp_path: Path, digits_teacher: Path, single_process_store: Path
+    tmp_path: Path, digits_teacher: Path, single_process_store: Path, capsys: pytest.CaptureFixture
 ) -> None:
     store = tmp_path / "digits.sqlite"
     shard1 = tmp_path / "digits.sqlite.rank1-of-2.sqlite"
@@ -306,10 +306,14 @@ def test_torchrun_rank_killed_mid_fill_then_rerun(
     assert proc.returncode != 0, out
     survived = _count(shard1)
     assert 40 <= survived < 719  # killed mid-fill, the committed batches survive in its shard
+    survived += _count(tmp_path / "digits.sqlite.rank0-of-2.sqlite")
 
     proc = _torchrun(_cache_args(digits_teacher, store), env=_env())
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
+    assert f"{1438 - survived} teacher calls paid now ({survived} outputs recovered" in out, out
+    with capsys.disabled():
+        print(f"\n[torchrun kill] {survived} outputs survived in the shards; rerun paid {1438 - survived}")
     ref, got = _rows(single_process_store), _rows(store)
     assert sorted(got) == sorted(ref) and all(got[s] == ref[s] for s in ref)
     assert _ledger_total(store) == 1438  # nothing paid twice: the kill cost only the batch in flight
