@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,9 +72,9 @@ def shard_path(store: Path, ctx: DistContext) -> Path:
     return store.with_name(f"{store.name}.rank{ctx.rank}-of-{ctx.world_size}.sqlite")
 
 
-def leftover_shards(store: Path) -> list[Path]:
+def shard_files(store: Path) -> list[Path]:
     """Every shard file of ``store`` on disk, whatever world size wrote it (sorted)."""
-    return sorted(store.parent.glob(f"{store.name}.rank*-of-*.sqlite"))
+    return sorted(store.parent.glob(f"{glob.escape(store.name)}.rank*-of-*.sqlite"))
 
 
 def select_samples(num_train: int, samples: int | None, seed: int | None) -> torch.Tensor:
@@ -93,7 +94,7 @@ def select_samples(num_train: int, samples: int | None, seed: int | None) -> tor
 def merge_shards(store: TeacherStore) -> int:
     """Merge every shard file of ``store`` into it, deleting each once its merge has committed."""
     added = 0
-    for path in leftover_shards(store.path):
+    for path in shard_files(store.path):
         added += store.merge_from(path)
         TeacherStore.remove_files(path)
     return added
