@@ -97,3 +97,26 @@ def test_compiled_student_trains_like_eager():
     compiled_model, compiled_losses = run_steps(3, compile=True)
     assert list(compiled_model.state_dict()) == list(eager_model.state_dict())
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)
+
+
+def test_bad_step_settings_stop_distill_before_any_teacher_call(
+    tmp_path, digits_teacher, capsys, monkeypatch
+):
+    from ftikd.cli import main
+
+    common = ["distill", "--dataset", "digits", "--teacher", str(digits_teacher), "--calls", "100"]
+    out = tmp_path / "runs"
+    config = tmp_path / "bad.json"
+    config.write_text('{"train": {"precision": "fp16"}}')
+    assert main([*common, "--config", str(config), "--out", str(out), "--no-progress"]) == 2
+    assert "unknown precision 'fp16'" in capsys.readouterr().err
+    # a global batch that does not split over the torchrun ranks (no process group is needed to refuse)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(
+        "ftikd.experiments.run.init_distributed",
+        lambda device: __import__("ftikd.distributed", fromlist=["dist_context"]).dist_context(),
+    )
+    assert main([*common, "--batch-size", "64", "--out", str(out), "--no-progress"]) == 2
+    assert "divisible by 3" in capsys.readouterr().err
+    assert not tmp_path.joinpath("stores").exists() and not out.exists()

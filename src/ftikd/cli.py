@@ -26,6 +26,19 @@ def _add_train_flags(p: argparse.ArgumentParser, title: str) -> None:
         "--max-epochs", type=int, help="cap on pseudo-epochs of ceil(n/batch) steps (default 1000)"
     )
     g.add_argument("--device", help="training device, e.g. cpu or cuda (default cpu)")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="autocast of forward and loss (default auto: bf16 on a CUDA GPU that has it, else fp32)",
+    )
+    g.add_argument(
+        "--memory-format",
+        choices=["auto", "contiguous", "channels_last"],
+        help="student weight layout (default auto: channels_last on CUDA, contiguous on CPU)",
+    )
+    g.add_argument(
+        "--compile", action="store_true", default=None, help="torch.compile the student (default off)"
+    )
 
 
 _TRAIN_FLAGS = {
@@ -35,6 +48,9 @@ _TRAIN_FLAGS = {
     "phases": "phases",
     "max_epochs": "max_epochs",
     "device": "device",
+    "precision": "precision",
+    "memory_format": "memory_format",
+    "compile": "compile",
 }
 
 
@@ -133,7 +149,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def print_run(result) -> None:
-    """One line per finished run: accuracy, best validation point, teacher calls, record path."""
+    """One line per finished run: accuracy, best validation point, teacher calls, record path.
+
+    Under torchrun only rank 0 prints, as it alone wrote the record.
+    """
+    from ftikd.distributed import dist_context
+
+    if not dist_context().is_main:
+        return
     m, calls = result.record["metrics"], result.record["teacher_calls"]
     print(
         f"{result.record['run']}: test top-1 {m['test_top1']:.2f}%  top-5 {m['test_top5']:.2f}%  "

@@ -84,6 +84,17 @@ def resolve_channels_last(memory_format: str, device: torch.device) -> bool:
     return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
 
 
+def check_train_config(cfg: TrainConfig, ctx: DistContext) -> None:
+    """Refuse an unknown precision or memory format, or a batch that does not split over the ranks.
+
+    Called before any teacher call, so that a bad setting costs nothing.
+    """
+    device = torch.device(cfg.device)
+    resolve_autocast(cfg.precision, device)
+    resolve_channels_last(cfg.memory_format, device)
+    rank_rows(cfg.batch_size, ctx)
+
+
 @dataclass
 class TrainData:
     """Everything the loop reads, as tensors on the training device.

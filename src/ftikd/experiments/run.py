@@ -21,7 +21,7 @@ from ftikd.data import ImageDataset, fti_split, load_dataset, normalize, view_cr
 from ftikd.distributed import DistContext, barrier, init_distributed
 from ftikd.engine.parallel import rank_device
 from ftikd.engine.record import library_versions, write_json
-from ftikd.engine.trainer import TrainConfig, TrainData, evaluate, fit
+from ftikd.engine.trainer import TrainConfig, TrainData, check_train_config, evaluate, fit
 from ftikd.errors import FtikdError
 from ftikd.experiments.config_check import check_run_config
 from ftikd.methods import Method, build_method
@@ -225,6 +225,7 @@ def run_distillation(
     write = write and ctx.is_main
     progress = progress and ctx.is_main
     train_cfg = dataclasses.replace(cfg.train, device=rank_device(cfg.train.device, ctx))
+    check_train_config(train_cfg, ctx)
     method = build_method(cfg.method, **cfg.method_options)
     dataset = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
     split = fti_split(dataset.train_images.shape[0], cfg.calls, cfg.seed)
