@@ -103,6 +103,7 @@ def test_bad_step_settings_stop_distill_before_any_teacher_call(
     tmp_path, digits_teacher, capsys, monkeypatch
 ):
     from ftikd.cli import main
+    from ftikd.distributed import dist_context
 
     common = ["distill", "--dataset", "digits", "--teacher", str(digits_teacher), "--calls", "100"]
     out = tmp_path / "runs"
@@ -113,10 +114,7 @@ def test_bad_step_settings_stop_distill_before_any_teacher_call(
     # a global batch that does not split over the torchrun ranks (no process group is needed to refuse)
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(
-        "ftikd.experiments.run.init_distributed",
-        lambda device: __import__("ftikd.distributed", fromlist=["dist_context"]).dist_context(),
-    )
+    monkeypatch.setattr("ftikd.experiments.run.init_distributed", lambda device: dist_context())
     assert main([*common, "--batch-size", "64", "--out", str(out), "--no-progress"]) == 2
     assert "divisible by 3" in capsys.readouterr().err
     assert not tmp_path.joinpath("stores").exists() and not out.exists()
