@@ -1195,6 +1195,9 @@ def test_fuzz_check_run_config(raw: dict[str, Any]) -> None:
         if name == "train":
             for tf in dataclasses.fields(value):
                 v = getattr(value, tf.name)
+                if tf.type == "bool":
+                    assert type(v) is bool, (tf.name, v)
+                    continue
                 want = {"int": int, "float": (int, float), "str": str}[tf.type]
                 assert isinstance(v, want) and not isinstance(v, bool), (tf.name, v)
         elif tp == "int":
