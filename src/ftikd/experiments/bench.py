@@ -184,7 +184,9 @@ def ftikd_steps(
 
     def steps() -> None:
         for _ in range(cfg.steps):
-            train_step(model, method, data, parts.sampler, parts.optimizer, parts.aug_generator)
+            train_step(
+                parts.model, method, data, parts.sampler, parts.optimizer, parts.aug_generator, parts.options
+            )
 
     return steps, per_step
 
@@ -228,7 +230,7 @@ def bench_caching(cfg: BenchConfig, data: TrainData, sync: Callable[[], None]) -
 TORCHDISTILL_SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "torchdistill_kd.py"
 TORCHDISTILL_VENV = (
     "create one with: python3 -m venv /tmp/tdv && /tmp/tdv/bin/pip install torch==2.14.1 "
-    "torchvision==0.29.1 torchdistill, then pass --torchdistill-python /tmp/tdv/bin/python"
+    "torchvision==0.29.1 torchdistill==1.1.5, then pass --torchdistill-python /tmp/tdv/bin/python"
 )
 TORCHDISTILL_MODES = {
     "torchdistill-kd-teacher": "teacher forward every step",
