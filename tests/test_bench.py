@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from ftikd.cli import main
-from ftikd.experiments.bench import interleaved_times, median_ratio
+from ftikd.errors import FtikdError
+from ftikd.experiments.bench import BenchConfig, interleaved_times, median_ratio, run_bench
 
 TORCHDISTILL_PYTHON = Path("/tmp/tdv/bin/python")
 TINY = ["bench", "--students", "resnet8", "--steps", "1", "--repeats", "2", "--batch-size", "16"]
@@ -58,6 +59,16 @@ def test_missing_torchdistill_python_is_one_line_user_error(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("ftikd: error: "), err
     assert "python3 -m venv" in err and "torchdistill" in err
     assert not out.exists()
+
+
+def test_bench_runs_bf16_channels_last_and_refuses_unknown_precision(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main([*TINY, "--precision", "bf16", "--memory-format", "channels_last", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["precision"] == "bf16" and result["config"]["memory_format"] == "channels_last"
+    assert all(row["images_per_s"] > 0 for row in result["rows"])
+    with pytest.raises(FtikdError, match="unknown precision"):  # refused before any measurement
+        run_bench(BenchConfig(students=["resnet8"], precision="fp8"))
 
 
 @pytest.mark.slow

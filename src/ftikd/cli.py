@@ -182,6 +182,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "batch_size",
         "cache_samples",
         "torchdistill_python",
+        "precision",
+        "memory_format",
+        "compile",
     )
     for flag in flags:
         if getattr(args, flag) is not None:
@@ -319,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="methods to time (default ce kd ckd ckd-inbatch)")
     p.add_argument("--teacher", help="teacher for caching and torchdistill's KD (default resnet14)")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="as in distill (default auto)")
+    p.add_argument("--memory-format", choices=["auto", "contiguous", "channels_last"], help="as in distill")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the students")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--steps", type=int, help="optimizer steps per timed repetition (default 10)")
     p.add_argument("--repeats", type=int, help="timed repetitions; the median is reported (default 5)")

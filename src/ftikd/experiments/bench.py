@@ -35,8 +35,17 @@ import torch
 import torch.nn.functional as F
 
 from ftikd.data import normalize, view_crop_flip
+from ftikd.distributed import DistContext
 from ftikd.engine.record import library_versions
-from ftikd.engine.trainer import TrainConfig, TrainData, build_training, train_step
+from ftikd.engine.trainer import (
+    TrainConfig,
+    TrainData,
+    build_training,
+    check_train_config,
+    resolve_autocast,
+    resolve_channels_last,
+    train_step,
+)
 from ftikd.errors import FtikdError
 from ftikd.methods import build_method
 from ftikd.models import build_model
@@ -60,6 +69,9 @@ class BenchConfig:
     repeats: int = 5
     cache_samples: int = 1024
     device: str = "cpu"
+    precision: str = "auto"
+    memory_format: str = "auto"
+    compile: bool = False
     threads: int | None = None
     torchdistill_python: str | None = None
 
@@ -141,13 +153,19 @@ def bench_student(
     device = torch.device(cfg.device)
     torch.manual_seed(0)
     student = build_model(arch, in_channels=cfg.channels, num_classes=cfg.num_classes).to(device)
+    if resolve_channels_last(cfg.memory_format, device):
+        student.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        student.compile()
+    autocast_dtype = resolve_autocast(cfg.precision, device)
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = normalize(data.train_images[: cfg.batch_size], data.mean, data.std)
     y = data.train_labels[: cfg.batch_size]
 
     def bare_steps() -> None:
         for _ in range(cfg.steps):
-            loss = F.cross_entropy(student(x).logits, y)
+            with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
+                loss = F.cross_entropy(student(x).logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -170,6 +188,17 @@ def bench_student(
     return rate_rows(arch, rates, what, base) + versus_torchdistill(arch, rates)
 
 
+def bench_train_config(cfg: BenchConfig) -> TrainConfig:
+    """The engine settings the bench runs ftikd's step with; the bare step uses the same ones."""
+    return TrainConfig(
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+        precision=cfg.precision,
+        memory_format=cfg.memory_format,
+        compile=cfg.compile,
+    )
+
+
 def ftikd_steps(
     cfg: BenchConfig, arch: str, method_name: str, data: TrainData
 ) -> tuple[Callable[[], None], int]:
@@ -177,9 +206,7 @@ def ftikd_steps(
     torch.manual_seed(0)
     model = build_model(arch, in_channels=cfg.channels, num_classes=cfg.num_classes)
     method = build_method(method_name)
-    parts = build_training(
-        model, method, data, TrainConfig(batch_size=cfg.batch_size, device=cfg.device), seed=0
-    )
+    parts = build_training(model, method, data, bench_train_config(cfg), seed=0)
     per_step = parts.sampler.next_batch().numel()
 
     def steps() -> None:
@@ -355,6 +382,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     The torchdistill script (if asked for) starts first, so that a broken environment fails before
     the minutes of measurement.
     """
+    check_train_config(bench_train_config(cfg), DistContext(0, 1, 0))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with TorchdistillWorker(cfg) if cfg.torchdistill_python else nullcontext() as worker:
