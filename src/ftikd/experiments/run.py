@@ -11,6 +11,7 @@ import dataclasses
 import json
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,13 @@ def run_distillation(
     train_cfg = dataclasses.replace(cfg.train, device=rank_device(cfg.train.device, ctx))
     check_train_config(train_cfg, ctx)
     method = build_method(cfg.method, **cfg.method_options)
+    if method.couples_batch_rows and ctx.world_size > 1 and ctx.is_main:
+        warnings.warn(
+            f"{cfg.method} compares rows within each rank's slice of the batch under torchrun "
+            f"({cfg.train.batch_size // ctx.world_size} rows, not {cfg.train.batch_size}): not the "
+            "single-process objective",
+            stacklevel=2,
+        )
     dataset = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
     split = fti_split(dataset.train_images.shape[0], cfg.calls, cfg.seed)
     device = torch.device(train_cfg.device)

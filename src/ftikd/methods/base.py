@@ -66,6 +66,8 @@ class Method:
       ``name``, ``summary`` (one line for ``ftikd methods``), ``reference`` (paper);
       ``call_cost``: teacher calls per training sample (0: no teacher, 1: one cached call);
       ``teacher_features``: names of teacher features the method reads from the store;
+      ``couples_batch_rows``: True when the loss compares rows of a batch with each other, so that
+      data-parallel ranks (each holding a slice of the batch) optimise a different objective;
       ``Config``: the options dataclass.
     """
 
@@ -74,6 +76,7 @@ class Method:
     reference: ClassVar[str] = ""
     call_cost: ClassVar[int] = 1
     teacher_features: ClassVar[tuple[str, ...]] = ()
+    couples_batch_rows: ClassVar[bool] = False
     Config: ClassVar[type[MethodConfig]] = MethodConfig
 
     def __init__(self, config: MethodConfig | None = None) -> None:

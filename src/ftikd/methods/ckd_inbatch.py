@@ -21,6 +21,7 @@ from ftikd.methods.ckd import CKDLossConfig, ckd_weighted_terms
 @register_method
 class InBatchCKD(Method):
     name = "ckd-inbatch"
+    couples_batch_rows = True
     summary = "ftikd variant (not the paper's): CKD over all pairs of a batch, one forward per image"
     reference = "ftikd; builds on Xu et al., Comparative Knowledge Distillation"
     Config = CKDLossConfig
