@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ from ftikd.distributed import DistContext
 from ftikd.engine.parallel import GlobalBatchNorm, rank_rows, use_global_batchnorm
 from ftikd.engine.trainer import TrainConfig, TrainData, build_training, make_batch, train_step
 from ftikd.errors import FtikdError
+from ftikd.experiments.bench import BenchConfig, synthetic_data
 from ftikd.methods import build_method
 from ftikd.models import build_model
 
@@ -32,19 +34,9 @@ def free_port() -> int:
 
 
 def small_data() -> TrainData:
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (96, 1, 12, 12), generator=g, dtype=torch.uint8)
-    return TrainData(
-        train_images=images,
-        train_labels=torch.randint(0, 10, (96,), generator=g),
-        val_images=images[:8],
-        val_labels=torch.zeros(8, dtype=torch.long),
-        mean=(0.5,),
-        std=(0.25,),
-        num_classes=10,
-        padding=2,
-        teacher_logits=torch.randn(96, 10, generator=g),
-    )
+    """96 random 1x12x12 uint8 images with labels and teacher logits (the bench's synthetic data)."""
+    data = synthetic_data(BenchConfig(num_train=96, image_size=12), torch.device("cpu"))
+    return dataclasses.replace(data, padding=2)  # little zero padding: few exact ReLU ties
 
 
 def train_a_few_steps(method_name: str) -> tuple[dict[str, torch.Tensor], list[float]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,24 +16,15 @@ from ftikd.engine.trainer import (
     train_step,
 )
 from ftikd.errors import FtikdError
+from ftikd.experiments.bench import BenchConfig, synthetic_data
 from ftikd.methods import build_method
 from ftikd.models import build_model
 
 
 def tiny_data() -> TrainData:
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (64, 1, 12, 12), generator=g, dtype=torch.uint8)
-    return TrainData(
-        train_images=images,
-        train_labels=torch.randint(0, 10, (64,), generator=g),
-        val_images=images[:8],
-        val_labels=torch.zeros(8, dtype=torch.long),
-        mean=(0.5,),
-        std=(0.25,),
-        num_classes=10,
-        padding=2,
-        teacher_logits=torch.randn(64, 10, generator=g),
-    )
+    """64 random 1x12x12 uint8 images with labels and teacher logits (the bench's synthetic data)."""
+    data = synthetic_data(BenchConfig(num_train=64, image_size=12), torch.device("cpu"))
+    return dataclasses.replace(data, padding=2)  # little zero padding: few exact ReLU ties
 
 
 def run_steps(steps: int, method_name: str = "kd", **train: object) -> tuple[torch.nn.Module, list[float]]:

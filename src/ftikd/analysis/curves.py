@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ftikd.analysis.plot import pyplot, save_figure
 from ftikd.analysis.summary import load_records, method_label
 from ftikd.errors import FtikdError
 
@@ -100,13 +101,8 @@ def format_time_table(curves: list[TimeCurve], targets: tuple[float, ...] = (60.
 
 def plot_accuracy_vs_time(curves: list[TimeCurve], path: str | Path, title: str = "") -> Path:
     """PNG with one panel per budget: mean best validation accuracy against training seconds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     budgets = sorted({c.calls for c in curves})
-    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), dpi=120, squeeze=False)
+    fig, axes = pyplot().subplots(1, len(budgets), figsize=(5 * len(budgets), 4), dpi=120, squeeze=False)
     for ax, n in zip(axes[0], budgets, strict=True):
         for c in (c for c in curves if c.calls == n):
             (line,) = ax.plot(
@@ -121,11 +117,7 @@ def plot_accuracy_vs_time(curves: list[TimeCurve], path: str | Path, title: str 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,15 +84,20 @@ def resolve_channels_last(memory_format: str, device: torch.device) -> bool:
     return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
 
 
-def check_train_config(cfg: TrainConfig, ctx: DistContext) -> None:
-    """Refuse an unknown precision or memory format, or a batch that does not split over the ranks.
+def resolve_step_settings(
+    cfg: TrainConfig, ctx: DistContext
+) -> tuple[torch.dtype | None, bool, slice | None]:
+    """Autocast dtype, channels_last, and this rank's rows of each batch, for ``cfg`` on its device.
 
-    Called before any teacher call, so that a bad setting costs nothing.
+    Refuses an unknown precision or memory format, or a batch that does not split over the ranks;
+    runs call it before any teacher call, so that a bad setting costs nothing.
     """
     device = torch.device(cfg.device)
-    resolve_autocast(cfg.precision, device)
-    resolve_channels_last(cfg.memory_format, device)
-    rank_rows(cfg.batch_size, ctx)
+    return (
+        resolve_autocast(cfg.precision, device),
+        resolve_channels_last(cfg.memory_format, device),
+        rank_rows(cfg.batch_size, ctx),
+    )
 
 
 @dataclass
@@ -234,10 +239,11 @@ def build_training(
     """
     device = torch.device(cfg.device)
     ctx = dist_context()
+    autocast_dtype, channels_last, rows = resolve_step_settings(cfg, ctx)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     aug_generator = torch.Generator(device=device).manual_seed(seed + 1)
     student.to(device).train()
-    if resolve_channels_last(cfg.memory_format, device):
+    if channels_last:
         student.to(memory_format=torch.channels_last)
     method.setup(
         MethodContext(
@@ -256,8 +262,8 @@ def build_training(
     model = wrap_data_parallel(student, device) if ctx.world_size > 1 else student
     sync_extra = ctx.world_size > 1 and any(p.requires_grad for p in extra.parameters())
     options = StepOptions(
-        autocast_dtype=resolve_autocast(cfg.precision, device),
-        rows=rank_rows(cfg.batch_size, ctx),
+        autocast_dtype=autocast_dtype,
+        rows=rows,
         before_update=(lambda: average_gradients(extra, ctx)) if sync_extra else None,
     )
     if cfg.compile:

@@ -41,9 +41,7 @@ from ftikd.engine.trainer import (
     TrainConfig,
     TrainData,
     build_training,
-    check_train_config,
-    resolve_autocast,
-    resolve_channels_last,
+    resolve_step_settings,
     train_step,
 )
 from ftikd.errors import FtikdError
@@ -75,6 +73,9 @@ class BenchConfig:
     threads: int | None = None
     torchdistill_python: str | None = None
 
+
+ONE_PROCESS = DistContext(rank=0, world_size=1, local_rank=0)
+"""The bench times one process; ``--batch-size`` is never split over ranks here."""
 
 Round = Callable[[], dict[str, float]]
 """Runs each of its candidates once and returns their wall times by kind."""
@@ -153,11 +154,11 @@ def bench_student(
     device = torch.device(cfg.device)
     torch.manual_seed(0)
     student = build_model(arch, in_channels=cfg.channels, num_classes=cfg.num_classes).to(device)
-    if resolve_channels_last(cfg.memory_format, device):
+    autocast_dtype, channels_last, _ = resolve_step_settings(bench_train_config(cfg), ONE_PROCESS)
+    if channels_last:
         student.to(memory_format=torch.channels_last)
     if cfg.compile:
         student.compile()
-    autocast_dtype = resolve_autocast(cfg.precision, device)
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = normalize(data.train_images[: cfg.batch_size], data.mean, data.std)
     y = data.train_labels[: cfg.batch_size]
@@ -382,7 +383,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     The torchdistill script (if asked for) starts first, so that a broken environment fails before
     the minutes of measurement.
     """
-    check_train_config(bench_train_config(cfg), DistContext(0, 1, 0))
+    resolve_step_settings(bench_train_config(cfg), ONE_PROCESS)  # refuse bad settings before measuring
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with TorchdistillWorker(cfg) if cfg.torchdistill_python else nullcontext() as worker:

@@ -22,8 +22,8 @@ import torch
 from ftikd.data import load_dataset
 from ftikd.distributed import DistContext, barrier, init_distributed, shard_indices, shutdown
 from ftikd.errors import FtikdError
-from ftikd.experiments.run import check_teacher_fits, default_store_path, teacher_view_images
-from ftikd.teacher import Teacher, TeacherStore
+from ftikd.experiments.run import load_teacher, store_path, teacher_view_images
+from ftikd.teacher import TeacherStore
 
 
 @dataclass
@@ -142,13 +142,10 @@ def _cache(cfg: CacheConfig, ctx: DistContext, progress: bool) -> CacheResult:
         raise FtikdError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.max_calls is not None and cfg.max_calls < 0:
         raise FtikdError(f"--max-calls must be >= 0, got {cfg.max_calls}")
-    if not cfg.teacher:
-        raise FtikdError("ftikd cache needs a teacher; pass --teacher PATH (see ftikd train-teacher)")
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
-    check_teacher_fits(cfg.teacher, cfg.dataset, dataset)
-    teacher = Teacher.from_checkpoint(cfg.teacher, device=cfg.device)
+    teacher = load_teacher(cfg.teacher, "ftikd cache", cfg.dataset, dataset, cfg.device)
     ids = select_samples(dataset.train_images.shape[0], cfg.samples, cfg.seed)
-    path = Path(cfg.store) if cfg.store else default_store_path(cfg.out, cfg.dataset, teacher.fingerprint)
+    path = store_path(cfg.store, cfg.out, cfg.dataset, teacher.fingerprint)
     binding = (teacher.fingerprint, cfg.dataset, dataset.num_classes)
     with job_lock(path, ctx):
         recovered = 0

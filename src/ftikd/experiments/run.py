@@ -22,7 +22,7 @@ from ftikd.data import ImageDataset, fti_split, load_dataset, normalize, view_cr
 from ftikd.distributed import DistContext, barrier, init_distributed
 from ftikd.engine.parallel import rank_device
 from ftikd.engine.record import library_versions, write_json
-from ftikd.engine.trainer import TrainConfig, TrainData, check_train_config, evaluate, fit
+from ftikd.engine.trainer import TrainConfig, TrainData, evaluate, fit, resolve_step_settings
 from ftikd.errors import FtikdError
 from ftikd.experiments.config_check import check_run_config
 from ftikd.methods import Method, build_method
@@ -128,6 +128,26 @@ def check_teacher_fits(path: str, dataset_name: str, dataset: ImageDataset) -> N
         )
 
 
+def load_teacher(
+    path: str | None,
+    needed_by: str,
+    dataset_name: str,
+    dataset: ImageDataset,
+    device: str,
+    feature_names: tuple[str, ...] = (),
+) -> Teacher:
+    """The checkpoint teacher at ``path``, refused (user error) if missing or not fitting the dataset."""
+    if not path:
+        raise FtikdError(f"{needed_by} needs a teacher; pass --teacher PATH (see ftikd train-teacher)")
+    check_teacher_fits(path, dataset_name, dataset)
+    return Teacher.from_checkpoint(path, feature_names=feature_names, device=device)
+
+
+def store_path(store: str | None, out: str, dataset: str, fingerprint: str) -> Path:
+    """The store a run or cache job uses: ``store`` if given, else :func:`default_store_path`."""
+    return Path(store) if store else default_store_path(out, dataset, fingerprint)
+
+
 def cached_teacher_outputs(
     cfg: RunConfig, dataset: ImageDataset, train_idx: torch.Tensor, method: Method, teacher: Teacher | None
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, Any]]:
@@ -135,20 +155,18 @@ def cached_teacher_outputs(
     if not method.needs_teacher:
         return None, {}, {"budget": cfg.calls, "outputs_used": 0, "paid_this_run": 0}
     if teacher is None:
-        if not cfg.teacher:
-            raise FtikdError(
-                f"method {cfg.method!r} needs a teacher; pass --teacher PATH (see ftikd train-teacher)"
-            )
-        check_teacher_fits(cfg.teacher, cfg.dataset, dataset)
-        teacher = Teacher.from_checkpoint(
-            cfg.teacher, feature_names=method.teacher_features, device=cfg.train.device
+        teacher = load_teacher(
+            cfg.teacher,
+            f"method {cfg.method!r}",
+            cfg.dataset,
+            dataset,
+            cfg.train.device,
+            method.teacher_features,
         )
-    store_path = (
-        Path(cfg.store) if cfg.store else default_store_path(cfg.out, cfg.dataset, teacher.fingerprint)
-    )
+    path = store_path(cfg.store, cfg.out, cfg.dataset, teacher.fingerprint)
     device = torch.device(cfg.train.device)
     with TeacherStore.open(
-        store_path,
+        path,
         teacher.fingerprint,
         cfg.dataset,
         dataset.num_classes,
@@ -170,7 +188,7 @@ def cached_teacher_outputs(
         "budget": cfg.calls,
         "outputs_used": int(train_idx.numel()) * method.call_cost,
         "paid_this_run": paid,
-        "store": str(store_path),
+        "store": str(path),
         "store_paid_total": total_paid,
         "teacher_fingerprint": teacher.fingerprint,
         "teacher_name": teacher.name,
@@ -226,7 +244,7 @@ def run_distillation(
     write = write and ctx.is_main
     progress = progress and ctx.is_main
     train_cfg = dataclasses.replace(cfg.train, device=rank_device(cfg.train.device, ctx))
-    check_train_config(train_cfg, ctx)
+    resolve_step_settings(train_cfg, ctx)  # refuse bad settings before any teacher call
     method = build_method(cfg.method, **cfg.method_options)
     if method.couples_batch_rows and ctx.world_size > 1 and ctx.is_main:
         warnings.warn(
