@@ -253,6 +253,7 @@ def build_training(
             student=student,
             device=device,
             teacher_feature_shapes={k: tuple(v.shape[1:]) for k, v in data.teacher_features.items()},
+            input_shape=tuple(data.train_images.shape[1:]),
         )
     )
     extra = method.modules().to(device).train()

@@ -52,6 +52,7 @@ class MethodContext:
     student: nn.Module
     device: torch.device
     teacher_feature_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -107,10 +108,14 @@ class Method:
         return {"name": self.name, **dataclasses.asdict(self.config)}
 
 
-def forward_student(student: nn.Module, images: torch.Tensor) -> ModelOutput:
-    """Run the student on images of shape (..., C, H, W), restoring the leading shape on logits."""
+def forward_student(student: nn.Module, images: torch.Tensor, with_features: bool = False) -> ModelOutput:
+    """Run the student on images of shape (..., C, H, W), restoring the leading shape on logits.
+
+    With ``with_features`` the named features come back too (flat over the leading dims).
+    """
     lead = images.shape[:-3]
-    out = student(images.reshape(-1, *images.shape[-3:]))
+    flat = images.reshape(-1, *images.shape[-3:])
+    out = student(flat, with_features=True) if with_features else student(flat)
     return ModelOutput(out.logits.reshape(*lead, -1), out.features)
 
 

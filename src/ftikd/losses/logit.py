@@ -1,4 +1,4 @@
-"""Loss functions as plain functions of tensors, reusable outside the engine.
+"""KD and CKD losses on logits (METHODS.md M1, M2).
 
 Formulas and reductions follow ``METHODS.md`` (section numbers cited per function). Softmaxes and
 KL terms are computed in float32 so mixed-precision callers stay stable.
