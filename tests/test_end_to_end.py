@@ -1,6 +1,7 @@
 """A tiny end-to-end distillation on sklearn digits: teacher, budgeted store, every method, records."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +15,14 @@ from ftikd.teacher.train import TeacherTrainConfig, train_teacher
 
 N = 160
 FAST = TrainConfig(patience=3, phases=2, max_epochs=12, lr=0.05)
+# Long enough that learning is certain: no phase ends, so no early restore of a first-epoch state.
+# CKD's validation accuracy dips below chance in pseudo-epochs 3-5 at LR 0.05 on 10 classes while
+# its logit differences grow to the teacher's scale (the shared offset is unconstrained), then
+# climbs to 70-89 % by epoch 30 on seeds 1-3 at 1 and 2 threads; the KL form with k = 3 learns slower
+# (32-68 % at epoch 30, 55-82 % at epoch 60). FAST's patience 3 can end the first phase inside that dip,
+# so FAST tests bookkeeping only.
+LEARN = TrainConfig(patience=60, phases=1, max_epochs=60, lr=0.05)
+METHODS = [("ce", {}), ("kd", {}), ("ckd", {}), ("ckd", {"k": 3, "form": "kl"}), ("ckd-inbatch", {})]
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +61,7 @@ class CountingTeacher(Teacher):
 def test_every_method_within_budget_and_store_shared(tmp_path, digits, teacher_path):
     counting = CountingTeacher(Teacher.from_checkpoint(teacher_path))
     results = {}
-    for method, opts in [
-        ("ce", {}),
-        ("kd", {}),
-        ("ckd", {}),
-        ("ckd", {"k": 3, "form": "kl"}),
-        ("ckd-inbatch", {}),
-    ]:
+    for method, opts in METHODS:
         cfg = RunConfig(
             teacher=str(teacher_path),
             dataset="digits",
@@ -82,8 +85,26 @@ def test_every_method_within_budget_and_store_shared(tmp_path, digits, teacher_p
     for (method, _), result in results.items():
         rec = json.loads(result.path.read_text())
         assert rec["protocol"]["n_train"] == N and rec["protocol"]["n_val"] == N // 4
-        assert rec["metrics"]["test_top1"] > 25.0, (method, rec["metrics"])  # well above chance (10%)
         assert rec["history"] and rec["versions"]["torch"] == torch.__version__
+        losses = [v for epoch in rec["history"] for k, v in epoch.items() if k in ("ce", "kd", "ckd_teacher")]
+        assert losses and all(math.isfinite(v) for v in losses), method
+
+
+@pytest.mark.parametrize("method,opts", METHODS, ids=[f"{m}{o.get('k', '')}" for m, o in METHODS])
+def test_each_method_learns_on_digits(tmp_path, digits, teacher_path, method, opts):
+    cfg = RunConfig(
+        teacher=str(teacher_path),
+        dataset="digits",
+        method=method,
+        method_options=opts,
+        calls=N,
+        seed=1,
+        out=str(tmp_path / "runs"),
+        train=LEARN,
+    )
+    rec = run_distillation(cfg, dataset=digits, progress=False).record
+    # chance is 10 %; the slowest form measured 55 % here, so 35 % leaves a wide margin
+    assert rec["metrics"]["test_top1"] > 35.0, (method, opts, rec["metrics"])
 
 
 def test_record_repeats_run_exactly(tmp_path, digits, teacher_path):

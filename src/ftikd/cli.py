@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ftikd.checks import check_output_file
 from ftikd.errors import FtikdError
 
 
@@ -66,7 +67,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig()
     cfg.train = dataclasses.replace(cfg.train, **_train_overrides(args))
     for flag in ("data_dir", "out", "budgets", "seeds", "teacher_epochs", "teacher"):
-        if getattr(args, flag):
+        if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))
     if args.methods:
         cfg.methods = [MethodSpec.parse(spec) for spec in args.methods]
@@ -189,6 +190,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for flag in flags:
         if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))
+    if args.out:
+        check_output_file(args.out)  # before minutes of measuring
     result = run_bench(cfg)
     print(format_bench(result))
     if args.out:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftikd.checks import bounded, check_ranges
 from ftikd.data.augment import apply_crop_flip, draw_crop_flip, normalize
 from ftikd.distributed import DistContext, dist_context
 from ftikd.engine.parallel import average_gradients, mean_over_ranks, rank_rows, wrap_data_parallel
@@ -36,15 +37,15 @@ from ftikd.methods.samplers import IndexSampler
 class TrainConfig:
     """Optimisation and early-stopping settings (defaults: the FTI-KD protocol, METHODS.md §3.1)."""
 
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    patience: int = 50
-    phases: int = 3
-    max_epochs: int = 1000
-    lr_decay: float = 0.1
-    eval_batch_size: int = 1000
+    batch_size: int = bounded(64, ge=1, le=2**20)
+    lr: float = bounded(0.05, gt=0, le=10)
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    weight_decay: float = bounded(5e-4, ge=0, le=1)
+    patience: int = bounded(50, ge=1, le=10**6)
+    phases: int = bounded(3, ge=1, le=100)
+    max_epochs: int = bounded(1000, ge=1, le=10**6)
+    lr_decay: float = bounded(0.1, gt=0, le=1)
+    eval_batch_size: int = bounded(1000, ge=1, le=2**20)
     device: str = "cpu"
     precision: str = "auto"
     memory_format: str = "auto"
@@ -237,6 +238,7 @@ def build_training(
     ``parts.model`` is what steps forward through: the student, compiled if asked, inside DDP when
     running under ``torchrun``; checkpoints and evaluation use the plain ``student``.
     """
+    check_ranges(cfg)
     device = torch.device(cfg.device)
     ctx = dist_context()
     autocast_dtype, channels_last, rows = resolve_step_settings(cfg, ctx)
@@ -254,6 +256,7 @@ def build_training(
             device=device,
             teacher_feature_shapes={k: tuple(v.shape[1:]) for k, v in data.teacher_features.items()},
             input_shape=tuple(data.train_images.shape[1:]),
+            train_labels=data.train_labels,
         )
     )
     extra = method.modules().to(device).train()

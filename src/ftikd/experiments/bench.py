@@ -34,6 +34,7 @@ from typing import IO, Any, NoReturn
 import torch
 import torch.nn.functional as F
 
+from ftikd.checks import bounded, check_device, check_ranges
 from ftikd.data import normalize, view_crop_flip
 from ftikd.distributed import DistContext
 from ftikd.engine.record import library_versions
@@ -57,20 +58,20 @@ class BenchConfig:
     students: list[str] = field(default_factory=lambda: ["resnet8", "wrn_16_2", "resnet8x4"])
     teacher: str = "resnet14"
     methods: list[str] = field(default_factory=lambda: ["ce", "kd", "ckd", "ckd-inbatch"])
-    channels: int = 1
-    image_size: int = 28
-    num_classes: int = 10
-    num_train: int = 2000
-    batch_size: int = 64
-    steps: int = 10
-    warmup: int = 3
-    repeats: int = 5
-    cache_samples: int = 1024
+    channels: int = bounded(1, ge=1, le=64)
+    image_size: int = bounded(28, ge=1, le=4096)
+    num_classes: int = bounded(10, ge=2, le=10**6)
+    num_train: int = bounded(2000, ge=2, le=10**7)
+    batch_size: int = bounded(64, ge=2, le=2**20)
+    steps: int = bounded(10, ge=1, le=10**6)
+    warmup: int = bounded(3, ge=0, le=10**6)
+    repeats: int = bounded(5, ge=1, le=10**6)
+    cache_samples: int = bounded(1024, ge=1, le=10**7)
     device: str = "cpu"
     precision: str = "auto"
     memory_format: str = "auto"
     compile: bool = False
-    threads: int | None = None
+    threads: int | None = bounded(None, ge=1, le=4096)
     torchdistill_python: str | None = None
 
 
@@ -383,6 +384,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     The torchdistill script (if asked for) starts first, so that a broken environment fails before
     the minutes of measurement.
     """
+    check_ranges(cfg)
+    check_device(cfg.device)
     resolve_step_settings(bench_train_config(cfg), ONE_PROCESS)  # refuse bad settings before measuring
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ftikd.checks import MAX_SEED, bounded, check_device, check_ranges
 from ftikd.data import load_dataset
 from ftikd.distributed import DistContext, barrier, init_distributed, shard_indices, shutdown
 from ftikd.errors import FtikdError
-from ftikd.experiments.run import load_teacher, store_path, teacher_view_images
+from ftikd.experiments.run import check_store_writable, load_teacher, store_path, teacher_view_images
 from ftikd.teacher import TeacherStore
 
 
@@ -33,14 +34,15 @@ class CacheConfig:
     teacher: str | None = None
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
-    samples: int | None = None  # None: the whole training split
-    seed: int | None = None  # None: the first `samples` training samples; else a seeded random subset
-    view: int = 0
+    samples: int | None = bounded(None, ge=1)  # None: the whole training split
+    # None: the first `samples` training samples; else a seeded random subset
+    seed: int | None = bounded(None, ge=0, le=MAX_SEED)
+    view: int = bounded(0, ge=0, le=2**31 - 1)
     store: str | None = None  # default: the store ftikd distill uses for this teacher and dataset
     out: str = "results/runs"
     device: str = "cpu"
-    batch_size: int = 256
-    max_calls: int | None = None  # sets the main store's lifetime cap on paid calls
+    batch_size: int = bounded(256, ge=1, le=2**20)
+    max_calls: int | None = bounded(None, ge=0)  # sets the main store's lifetime cap on paid calls
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,9 @@ def run_cache(cfg: CacheConfig, progress: bool = False) -> CacheResult:
     Runs as one rank of a torchrun job (or alone). A rerun after a kill first merges the shards
     the killed job left behind, then pays only for what is still missing.
     """
+    check_ranges(cfg)
+    check_device(cfg.device)
+    check_store_writable(cfg.store, cfg.out)
     ctx = init_distributed(cfg.device)
     try:
         return _cache(cfg, ctx, progress and ctx.is_main)
@@ -138,10 +143,6 @@ def run_cache(cfg: CacheConfig, progress: bool = False) -> CacheResult:
 
 def _cache(cfg: CacheConfig, ctx: DistContext, progress: bool) -> CacheResult:
     started = time.perf_counter()
-    if cfg.batch_size < 1:
-        raise FtikdError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if cfg.max_calls is not None and cfg.max_calls < 0:
-        raise FtikdError(f"--max-calls must be >= 0, got {cfg.max_calls}")
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     teacher = load_teacher(cfg.teacher, "ftikd cache", cfg.dataset, dataset, cfg.device)
     ids = select_samples(dataset.train_images.shape[0], cfg.samples, cfg.seed)

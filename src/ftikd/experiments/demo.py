@@ -13,6 +13,7 @@ from typing import Any
 
 from ftikd.analysis.plot import plot_accuracy_vs_calls
 from ftikd.analysis.summary import format_table, summarise
+from ftikd.checks import MAX_SEED, bounded, check_device, check_output_dir, check_ranges
 from ftikd.data import load_dataset, validate_budget
 from ftikd.engine.record import write_json
 from ftikd.engine.trainer import TrainConfig
@@ -30,7 +31,7 @@ class MethodSpec:
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
-    lr: float | None = None
+    lr: float | None = bounded(None, gt=0, le=10)
 
     @classmethod
     def parse(cls, spec: str) -> MethodSpec:
@@ -53,7 +54,7 @@ class DemoConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     teacher_arch: str = "resnet14"
-    teacher_epochs: int = 2
+    teacher_epochs: int = bounded(2, ge=1, le=10**5)
     student: str = "resnet8"
     methods: list[MethodSpec] = field(
         default_factory=lambda: [
@@ -62,8 +63,8 @@ class DemoConfig:
             MethodSpec("ckd", lr=0.01),
         ]
     )
-    budgets: list[int] = field(default_factory=lambda: [500, 1600])
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    budgets: list[int] = bounded(factory=lambda: [500, 1600], ge=1)
+    seeds: list[int] = bounded(factory=lambda: [1, 2, 3], ge=0, le=MAX_SEED)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(patience=5, phases=3, max_epochs=40))
     out: str = "results/demo"
     teacher: str | None = None
@@ -98,6 +99,9 @@ def demo_teacher(cfg: DemoConfig, progress: bool) -> tuple[Path, dict]:
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run the whole demo and return its summary (also written to ``<out>/summary.json``)."""
     started = time.perf_counter()
+    check_ranges(cfg)
+    check_device(cfg.train.device)
+    check_output_dir(cfg.out)
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     for n in cfg.budgets:  # refuse an impossible budget before training the teacher
         validate_budget(dataset.train_images.shape[0], n)

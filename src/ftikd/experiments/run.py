@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ftikd.checks import MAX_SEED, bounded, check_device, check_output_dir, check_output_file, check_ranges
 from ftikd.data import ImageDataset, fti_split, load_dataset, normalize, view_crop_flip
 from ftikd.distributed import DistContext, barrier, init_distributed
 from ftikd.engine.parallel import rank_device
@@ -40,9 +41,9 @@ class RunConfig:
     student: str = "resnet8"
     method: str = "ckd"
     method_options: dict[str, Any] = field(default_factory=dict)
-    calls: int = 2000
-    seed: int = 1
-    view: int = 0
+    calls: int = bounded(2000, ge=1)
+    seed: int = bounded(1, ge=0, le=MAX_SEED)
+    view: int = bounded(0, ge=0, le=2**31 - 1)
     store: str | None = None
     out: str = "results/runs"
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -148,6 +149,14 @@ def store_path(store: str | None, out: str, dataset: str, fingerprint: str) -> P
     return Path(store) if store else default_store_path(out, dataset, fingerprint)
 
 
+def check_store_writable(store: str | None, out: str) -> None:
+    """Refuse a store path (given, or the default folder beside ``out``) that cannot be written."""
+    if store:
+        check_output_file(store, "--store")
+    else:
+        check_output_dir(default_store_path(out, "-", "-").parent, "--out")
+
+
 def cached_teacher_outputs(
     cfg: RunConfig, dataset: ImageDataset, train_idx: torch.Tensor, method: Method, teacher: Teacher | None
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, Any]]:
@@ -218,6 +227,14 @@ def teacher_outputs_rank0_first(
             barrier()
 
 
+def check_run_inputs(cfg: RunConfig) -> None:
+    """Refuse out-of-range numbers, a missing device and unwritable outputs before any work."""
+    check_ranges(cfg)
+    check_device(cfg.train.device)
+    check_output_dir(cfg.out)
+    check_store_writable(cfg.store, cfg.out)
+
+
 def run_distillation(
     cfg: RunConfig,
     teacher: Teacher | None = None,
@@ -236,6 +253,7 @@ def run_distillation(
     Under ``torchrun`` every rank runs this: rank 0 pays for the teacher outputs while the others
     wait, then all train data-parallel on slices of each global batch; only rank 0 writes files.
     """
+    check_run_inputs(cfg)
     paths = RunPaths.of(cfg)
     if resume and paths.record.exists():
         return RunResult(json.loads(paths.record.read_text()), paths.record)

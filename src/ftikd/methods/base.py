@@ -53,6 +53,7 @@ class MethodContext:
     device: torch.device
     teacher_feature_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     input_shape: tuple[int, ...] | None = None
+    train_labels: torch.Tensor | None = None  # labels of the training subset (n,), for class-aware samplers
 
 
 @dataclass

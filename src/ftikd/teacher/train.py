@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ftikd.checks import MAX_SEED, bounded, check_device, check_output_file, check_ranges
 from ftikd.data import ImageDataset, load_dataset, normalize, random_crop_flip
 from ftikd.errors import FtikdError
 from ftikd.models import build_model
@@ -28,22 +29,21 @@ class TeacherTrainConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     arch: str = "resnet20"
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int = bounded(30, ge=1, le=10**5)
+    batch_size: int = bounded(128, ge=1, le=2**20)
+    lr: float = bounded(0.05, gt=0, le=10)
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    weight_decay: float = bounded(5e-4, ge=0, le=1)
     schedule: str = "cosine"
-    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
-    seed: int = 0
+    milestones: list[int] = bounded(factory=lambda: [150, 180, 210], ge=0, le=10**5)
+    seed: int = bounded(0, ge=0, le=MAX_SEED)
     device: str = "cpu"
     out: str = "results/teachers/teacher.safetensors"
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "multistep"):
             raise FtikdError(f"unknown schedule {self.schedule!r}; use 'cosine' or 'multistep'")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise FtikdError("epochs, batch size and lr must be positive")
+        check_ranges(self)
 
 
 def lr_at(cfg: TeacherTrainConfig, epoch_float: float) -> float:
@@ -59,8 +59,9 @@ def train_teacher(
     """Train ``cfg.arch`` on the full training split, evaluate on test, save the checkpoint."""
     from ftikd.engine.trainer import evaluate
 
+    device = check_device(cfg.device)
+    check_output_file(cfg.out)  # before the training it would otherwise throw away
     dataset = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
-    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, in_channels=dataset.channels, num_classes=dataset.num_classes).to(device)
     optimizer = torch.optim.SGD(
