@@ -104,11 +104,14 @@ def rank_rows(batch_size: int, ctx: DistContext) -> slice | None:
     return slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
 
 
-def wrap_data_parallel(student: nn.Module, device: torch.device) -> nn.Module:
-    """The module training steps forward through: ``student`` inside DDP, with global batch norm."""
+def wrap_data_parallel(student: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
+    """The module training steps forward through: ``student`` inside DDP, with global batch norm.
+
+    ``find_unused`` lets steps leave part of the student without a gradient (two-stage methods).
+    """
     use_global_batchnorm(student, device)
     ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(student, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(student, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def average_gradients(module: nn.Module, ctx: DistContext) -> None:

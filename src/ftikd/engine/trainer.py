@@ -263,7 +263,10 @@ def build_training(
     params = list(student.parameters()) + list(extra.parameters())
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sampler = method.sampler(data.num_train, cfg.batch_size, generator)
-    model = wrap_data_parallel(student, device) if ctx.world_size > 1 else student
+    if ctx.world_size > 1:
+        model = wrap_data_parallel(student, device, method.leaves_student_parameters_unused)
+    else:
+        model = student
     sync_extra = ctx.world_size > 1 and any(p.requires_grad for p in extra.parameters())
     options = StepOptions(
         autocast_dtype=autocast_dtype,

@@ -20,6 +20,8 @@ import torch
 
 from ftikd.checks import MAX_SEED, bounded, check_device, check_output_dir, check_output_file, check_ranges
 from ftikd.data import ImageDataset, fti_split, load_dataset, normalize, view_crop_flip
+from ftikd.data.scenarios import imbalanced_indices, uniform_label_noise
+from ftikd.data.split import FTISplit
 from ftikd.distributed import DistContext, barrier, init_distributed
 from ftikd.engine.parallel import rank_device
 from ftikd.engine.record import library_versions, write_json
@@ -28,7 +30,7 @@ from ftikd.errors import FtikdError
 from ftikd.experiments.config_check import check_run_config
 from ftikd.methods import Method, build_method
 from ftikd.models import build_model
-from ftikd.teacher import Teacher, TeacherStore, read_checkpoint_meta
+from ftikd.teacher import Teacher, TeacherStore, read_checkpoint_meta, save_checkpoint
 
 
 @dataclass
@@ -47,6 +49,8 @@ class RunConfig:
     store: str | None = None
     out: str = "results/runs"
     train: TrainConfig = field(default_factory=TrainConfig)
+    # KD-survey scenarios (METHODS.md §3.3): {"label_noise": sigma} and/or {"imbalance": gamma}
+    scenario: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
@@ -82,7 +86,8 @@ class RunConfig:
     def run_name(self) -> str:
         """File-name-safe run id: method and its non-default options, budget, seed."""
         opts = "".join(f"-{k}{v}" for k, v in sorted(self.method_options.items()))
-        raw = f"{self.dataset}-{self.student}-{self.method}{opts}-n{self.calls}-s{self.seed}"
+        scen = "".join(f"-{k}{v}" for k, v in sorted(self.scenario.items()))
+        raw = f"{self.dataset}{scen}-{self.student}-{self.method}{opts}-n{self.calls}-s{self.seed}"
         return re.sub(r"[^A-Za-z0-9_.=-]+", "_", raw)
 
 
@@ -98,10 +103,21 @@ class RunResult:
         return float(self.record["metrics"]["test_top1"])
 
 
-def default_store_path(out: str, dataset: str, fingerprint: str) -> Path:
-    """Stores live next to the run records and are shared by every run with this teacher and dataset."""
+def default_store_path(out: str, dataset: str, fingerprint: str, feature_names: tuple[str, ...] = ()) -> Path:
+    """Stores live next to the run records and are shared by every run with this teacher and dataset.
+
+    A store keeps the teacher features it was created with, so runs that need other features get a
+    store of their own (:func:`with_feature_names`); logit-only methods all share one.
+    """
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset)
-    return Path(out).parent / "stores" / f"{slug}-{fingerprint}.sqlite"
+    return with_feature_names(Path(out).parent / "stores" / f"{slug}-{fingerprint}.sqlite", feature_names)
+
+
+def with_feature_names(path: Path, feature_names: tuple[str, ...]) -> Path:
+    """``path`` with the sorted feature names before its suffix (unchanged for logits only)."""
+    if not feature_names:
+        return path
+    return path.with_name(f"{path.stem}+{'+'.join(sorted(feature_names))}{path.suffix}")
 
 
 def teacher_view_images(dataset: ImageDataset, view: int, device: torch.device):
@@ -144,9 +160,11 @@ def load_teacher(
     return Teacher.from_checkpoint(path, feature_names=feature_names, device=device)
 
 
-def store_path(store: str | None, out: str, dataset: str, fingerprint: str) -> Path:
+def store_path(
+    store: str | None, out: str, dataset: str, fingerprint: str, feature_names: tuple[str, ...] = ()
+) -> Path:
     """The store a run or cache job uses: ``store`` if given, else :func:`default_store_path`."""
-    return Path(store) if store else default_store_path(out, dataset, fingerprint)
+    return Path(store) if store else default_store_path(out, dataset, fingerprint, feature_names)
 
 
 def check_store_writable(store: str | None, out: str) -> None:
@@ -172,7 +190,7 @@ def cached_teacher_outputs(
             cfg.train.device,
             method.teacher_features,
         )
-    path = store_path(cfg.store, cfg.out, cfg.dataset, teacher.fingerprint)
+    path = store_path(cfg.store, cfg.out, cfg.dataset, teacher.fingerprint, tuple(method.teacher_features))
     device = torch.device(cfg.train.device)
     with TeacherStore.open(
         path,
@@ -272,7 +290,7 @@ def run_distillation(
             stacklevel=2,
         )
     dataset = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
-    split = fti_split(dataset.train_images.shape[0], cfg.calls, cfg.seed)
+    split, train_labels, scenario = scenario_split(cfg, dataset)
     device = torch.device(train_cfg.device)
     # Re-seed right before building the student so every method starts from the same weights (A12);
     # built before any teacher call so that a bad student name costs nothing.
@@ -282,7 +300,7 @@ def run_distillation(
     logits, feats, calls = teacher_outputs_rank0_first(cfg, dataset, split.train_idx, method, teacher, ctx)
     data = TrainData(
         train_images=dataset.train_images[split.train_idx].to(device),
-        train_labels=dataset.train_labels[split.train_idx].to(device),
+        train_labels=train_labels.to(device),
         val_images=dataset.train_images[split.val_idx].to(device),
         val_labels=dataset.train_labels[split.val_idx].to(device),
         mean=dataset.mean,
@@ -318,6 +336,9 @@ def run_distillation(
         dataset.std,
         cfg.train.eval_batch_size,
     )
+    method_metrics = method.evaluate_extra(
+        dataset.test_images, dataset.test_labels, dataset.mean, dataset.std, cfg.train.eval_batch_size
+    )
     record = {
         "run": cfg.run_name(),
         "config": dataclasses.asdict(cfg),
@@ -328,6 +349,7 @@ def run_distillation(
             "n_val": int(split.val_idx.numel()),
             "n_test": int(dataset.test_images.shape[0]),
             "selection": "test accuracy at the best validation accuracy",
+            **({"scenario": scenario} if scenario else {}),
         },
         "metrics": {
             "test_top1": top1,
@@ -337,6 +359,7 @@ def run_distillation(
             "epochs": result.epochs,
             "steps": result.steps,
         },
+        **({"method_metrics": method_metrics} if method_metrics else {}),
         "teacher_calls": calls,
         "history": result.history,
         "processes": ctx.world_size,
@@ -345,10 +368,44 @@ def run_distillation(
         "versions": library_versions(),
     }
     if write:
+        meta = {"arch": cfg.student, "in_channels": dataset.channels, "num_classes": dataset.num_classes}
+        meta |= {"dataset": cfg.dataset, "test_acc": round(top1, 3), "run": cfg.run_name()}
+        record["student"] = {
+            "path": str(paths.student),
+            **save_checkpoint(student.cpu(), paths.student, meta),
+        }
         write_json(paths.record, record)
         paths.state.unlink(missing_ok=True)
         paths.pending.unlink(missing_ok=True)
     return RunResult(record, paths.record)
+
+
+def scenario_split(cfg: RunConfig, dataset: ImageDataset) -> tuple[FTISplit, torch.Tensor, dict[str, Any]]:
+    """The FTI split and training labels under ``cfg.scenario`` (METHODS.md §3.3), and what to record.
+
+    Imbalance draws the split from a power-law subset of the training set (fixed by the seed); label
+    noise corrupts the labels of the whole training set once by the seed and the split's training
+    part takes its labels from it, so validation and test stay clean.
+    """
+    unknown = set(cfg.scenario) - {"label_noise", "imbalance"}
+    if unknown:
+        raise FtikdError(f"unknown scenario key(s) {sorted(unknown)}; use label_noise and/or imbalance")
+    pool, recorded, labels = None, dict(cfg.scenario), dataset.train_labels
+    try:
+        if cfg.scenario.get("imbalance"):
+            gamma = float(cfg.scenario["imbalance"])
+            pool, recorded["class_counts"] = imbalanced_indices(dataset.train_labels, gamma, cfg.seed)
+        if cfg.scenario.get("label_noise"):
+            sigma = float(cfg.scenario["label_noise"])
+            labels = uniform_label_noise(labels, sigma, dataset.num_classes, cfg.seed)
+    except ValueError as exc:
+        raise FtikdError(f"bad scenario: {exc}") from None
+    split = fti_split(dataset.train_images.shape[0] if pool is None else pool.numel(), cfg.calls, cfg.seed)
+    if pool is not None:
+        split = FTISplit(pool[split.train_idx], pool[split.val_idx])
+    if "label_noise" in cfg.scenario:
+        recorded["labels_changed"] = int((labels != dataset.train_labels)[split.train_idx].sum())
+    return split, labels[split.train_idx], recorded
 
 
 @dataclass(frozen=True)
@@ -358,6 +415,7 @@ class RunPaths:
     record: Path
     pending: Path
     state: Path
+    student: Path
 
     @classmethod
     def of(cls, cfg: RunConfig) -> RunPaths:
@@ -366,6 +424,7 @@ class RunPaths:
             base.with_name(base.name + ".json"),
             base.with_name(base.name + ".pending.json"),
             base.with_name(base.name + ".state.pt"),
+            base.with_name(base.name + ".student.safetensors"),
         )
 
 

@@ -1,10 +1,26 @@
 """Loss functions as plain functions of tensors, reusable outside the engine.
 
-One module per family (``logit``: KD and CKD; the others hold the relational, contrastive,
-mixing and feature losses); everything public is re-exported here, so ``from ftikd.losses import
-ckd_loss`` works whatever file a loss lives in.
+One module per family: ``logit`` (KD, CKD), ``relational`` (RKD, RKD_d, DIST, SP, PKT, CC),
+``contrastive`` (CRD), ``mixing`` (Mixup, CutMix with a fixed teacher),
+``feature`` (FitNets, VID, AT, FSP) and ``online`` (DML, ONE). Everything public is re-exported here, so
+``from ftikd.losses import ckd_group_loss`` works whatever file a loss lives in.
 """
 
+from ftikd.losses.contrastive import (
+    contrast_log_scores,
+    crd_nce_loss,
+    momentum_rows,
+    nce_log_normalizer,
+)
+from ftikd.losses.feature import (
+    at_loss,
+    attention_map,
+    fsp_loss,
+    fsp_matrix,
+    hint_loss,
+    match_spatial,
+    vid_loss,
+)
 from ftikd.losses.logit import (
     ckd_group_loss,
     ckd_inbatch_loss,
@@ -15,14 +31,73 @@ from ftikd.losses.logit import (
     kd_loss,
     logit_offset_loss,
 )
+from ftikd.losses.mixing import (
+    cutmix_images,
+    draw_cutmix_box,
+    draw_mixing_weights,
+    mix_images,
+    mixed_label_ce,
+    mixed_teacher_target,
+    mixing_loss,
+    soft_cross_entropy,
+)
+from ftikd.losses.online import (
+    ensemble_kl_loss,
+    gated_ensemble,
+    mutual_kl_loss,
+    sigmoid_rampup,
+)
+from ftikd.losses.relational import (
+    cc_loss,
+    dist_loss,
+    orthonormal_projection,
+    pkt_loss,
+    rkd_angle_loss,
+    rkd_d_inbatch_loss,
+    rkd_d_pair_loss,
+    rkd_distance_loss,
+    sp_loss,
+)
 
 __all__ = [
+    "at_loss",
+    "attention_map",
+    "cc_loss",
     "ckd_group_loss",
     "ckd_inbatch_loss",
     "ckd_terms",
     "compare_groups",
     "comparison_weights",
+    "contrast_log_scores",
+    "crd_nce_loss",
+    "cutmix_images",
+    "dist_loss",
+    "ensemble_kl_loss",
+    "draw_cutmix_box",
+    "draw_mixing_weights",
+    "fsp_loss",
+    "fsp_matrix",
+    "gated_ensemble",
     "group_split_sizes",
+    "hint_loss",
     "kd_loss",
     "logit_offset_loss",
+    "match_spatial",
+    "mix_images",
+    "mixed_label_ce",
+    "mixed_teacher_target",
+    "mixing_loss",
+    "momentum_rows",
+    "mutual_kl_loss",
+    "nce_log_normalizer",
+    "orthonormal_projection",
+    "pkt_loss",
+    "rkd_angle_loss",
+    "rkd_d_inbatch_loss",
+    "rkd_d_pair_loss",
+    "rkd_distance_loss",
+    "sigmoid_rampup",
+    "soft_cross_entropy",
+    "sp_loss",
+    "vid_loss",
 ]

@@ -1,7 +1,7 @@
 """KD methods, one file each, registered by name on import.
 
-Every module of this package except the shared pieces is imported here, so a new method is one
-new file with a ``@register_method`` class: nothing else to edit.
+Every module of this package is imported here (shared pieces register nothing), so a new method
+is one new file with a ``@register_method`` class: nothing else to edit.
 """
 
 import importlib
@@ -18,9 +18,8 @@ from ftikd.methods.base import (
     register_method,
 )
 
-_SHARED = {"base", "samplers", "representation"}
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _info.name not in _SHARED and not _info.name.startswith("_"):
+    if not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [

@@ -104,6 +104,24 @@ class Method:
     def needs_teacher(self) -> bool:
         return self.call_cost > 0
 
+    @property
+    def leaves_student_parameters_unused(self) -> bool:
+        """True when some steps give part of the student no gradient (e.g. a hint-only first stage);
+        data-parallel training must then look for unused parameters."""
+        return False
+
+    def evaluate_extra(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        batch_size: int = 1000,
+    ) -> dict[str, float]:
+        """Test metrics of classifiers the method trains beside the student (DML's peers, ONE's
+        branches), for the run record; default: none."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """The method's name and options, for run records."""
         return {"name": self.name, **dataclasses.asdict(self.config)}

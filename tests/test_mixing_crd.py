@@ -1,0 +1,485 @@
+"""Fixed-teacher Mixup/Mixup3/CutMix, logit MSE and CRD: losses against numpy, methods, smoke runs."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ftikd.cli import main
+from ftikd.data import load_dataset
+from ftikd.engine.trainer import TrainConfig, TrainData, fit, load_trainable_state, trainable_state
+from ftikd.errors import FtikdError
+from ftikd.experiments.run import RunConfig, run_distillation
+from ftikd.losses.contrastive import contrast_log_scores, crd_nce_loss, nce_log_normalizer
+from ftikd.losses.mixing import (
+    cutmix_images,
+    draw_cutmix_box,
+    draw_mixing_weights,
+    mix_images,
+    mixed_teacher_target,
+    mixing_loss,
+)
+from ftikd.losses.regression import logit_mse_loss
+from ftikd.methods import Batch, MethodContext, build_method
+from ftikd.methods.crd import draw_contrast_indices
+from ftikd.models import build_model
+from ftikd.models.base import ModelOutput
+from ftikd.teacher import Teacher, TeacherStore
+
+rng = np.random.default_rng(0)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def np_softmax(x, t=1.0):
+    e = np.exp((x - x.max(-1, keepdims=True)) / t)
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_log_softmax(x, t=1.0):
+    z = x / t
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def t64(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+class Recorder(nn.Module):
+    """A linear student on flattened images that records every input it is run on."""
+
+    def __init__(self, dim: int, classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, classes)
+        self.seen = []
+
+    def forward(self, x, with_features=False):
+        self.seen.append(x.detach().clone())
+        emb = x.flatten(1)
+        return ModelOutput(self.fc(emb), {"embedding": emb} if with_features else {})
+
+
+def group_batch(b, k, c, classes=None, same=False):
+    """A (B, k) group batch of 1x4x4 images with random labels and cached teacher logits."""
+    images = torch.randn(b, k, 1, 4, 4)
+    teacher = torch.randn(b, k, c) * 3
+    labels = torch.randint(classes or c, (b, k))
+    if same:
+        images, teacher = images[:, :1].expand_as(images).clone(), teacher[:, :1].expand_as(teacher).clone()
+    return Batch(torch.arange(b * k).reshape(b, k), images, labels, c, teacher)
+
+
+# ------------------------------------------------------------------------------------------ mixing
+
+
+def test_mixing_weights_follow_the_paper_and_replay_from_the_rng_state():
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    two, three = draw_mixing_weights(2), draw_mixing_weights(3)
+    torch.set_rng_state(state)
+    assert draw_mixing_weights(2) == two and draw_mixing_weights(3) == three  # resume replays them
+    assert sum(two) == pytest.approx(1.0) and sum(three) == pytest.approx(1.0) and min(three) >= 0
+    lams = np.array([draw_mixing_weights(2)[0] for _ in range(2000)])
+    assert abs(lams.mean() - 0.5) < 0.03 and abs((lams < 0.25).mean() - 0.25) < 0.04  # U(0, 1)
+
+
+def test_mix_images_and_mixing_loss_match_numpy():
+    b, c = 5, 7
+    for k, weights in [(2, [0.3, 0.7]), (3, [0.2, 0.5, 0.3])]:
+        images = rng.normal(size=(b, k, 2, 3, 3))
+        expected = sum(w * images[:, m] for m, w in enumerate(weights))
+        np.testing.assert_allclose(mix_images(t64(images), weights).numpy(), expected, rtol=1e-10)
+        s, t = rng.normal(size=(b, c)) * 2, rng.normal(size=(b, k, c)) * 2
+        y = rng.integers(0, c, size=(b, k))
+        log_q = np_log_softmax(s)
+        ce = sum(w * -log_q[np.arange(b), y[:, m]].mean() for m, w in enumerate(weights))
+        target = sum(w * np_softmax(t[:, m]) for m, w in enumerate(weights))
+        soft_ce = -(target * log_q).sum(-1).mean()
+        per_part = sum(w * -(np_softmax(t[:, m]) * log_q).sum(-1).mean() for m, w in enumerate(weights))
+        assert soft_ce == pytest.approx(per_part, rel=1e-10)  # mixing probabilities == mixing the CEs
+        kl = sum(
+            w
+            * 16
+            * (np_softmax(t[:, m], 4) * (np_log_softmax(t[:, m], 4) - np_log_softmax(s, 4))).sum(-1).mean()
+            for m, w in enumerate(weights)
+        )
+        got = mixing_loss(t64(s), torch.tensor(y), t64(t), weights, "ce")
+        assert got["ce"].item() == pytest.approx(ce, rel=1e-5)
+        assert got["soft"].item() == pytest.approx(soft_ce, rel=1e-5)
+        got_kl = mixing_loss(t64(s), torch.tensor(y), t64(t), weights, "kl", 4.0)
+        assert got_kl["soft"].item() == pytest.approx(kl, rel=1e-5)
+        np.testing.assert_allclose(mixed_teacher_target(t64(t), weights).numpy(), target, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,parts", [("mixup", 2), ("mixup3", 3)])
+def test_mixup_method_mixes_inputs_and_cached_teacher_parts(name, parts):
+    method = build_method(name)
+    batch = group_batch(6, parts, 5)
+    student = Recorder(16, 5)
+    torch.manual_seed(11)
+    terms = method.loss(student, batch)
+    torch.manual_seed(11)  # the same draw, recomputed here by the spec (A.2.2, A17)
+    if parts == 2:
+        lam = float(torch.rand(()))
+        w = np.array([lam, 1 - lam])
+    else:
+        u = torch.rand(parts, dtype=torch.float64).numpy()
+        w = u / u.sum()
+    x = batch.images.numpy()
+    mixed = sum(w[m] * x[:, m] for m in range(parts))
+    np.testing.assert_allclose(student.seen[0].numpy(), mixed, rtol=1e-5, atol=1e-6)
+    logits = student.fc(student.seen[0].flatten(1)).detach().double().numpy()
+    target = sum(w[m] * np_softmax(batch.teacher_logits[:, m].double().numpy()) for m in range(parts))
+    log_q = np_log_softmax(logits)
+    y = batch.labels.numpy()
+    assert terms["soft"].item() == pytest.approx(-(target * log_q).sum(-1).mean(), rel=1e-4)
+    ce = sum(w[m] * -log_q[np.arange(6), y[:, m]].mean() for m in range(parts))
+    assert terms["ce"].item() == pytest.approx(ce, rel=1e-4)
+    assert set(terms) == {"ce", "soft"} and len(student.seen) == 1  # one student forward, no KD term
+
+
+def np_cutmix_box(h, w, seed):
+    """The box of METHODS.md M7, recomputed in plain Python from the same RNG draws."""
+    torch.manual_seed(seed)
+    lam = float(torch.rand(()))
+    cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+    cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+    y0, y1 = min(max(cy - cut_h // 2, 0), h), min(max(cy + cut_h // 2, 0), h)
+    x0, x1 = min(max(cx - cut_w // 2, 0), w), min(max(cx + cut_w // 2, 0), w)
+    return y0, y1, x0, x1
+
+
+def test_cutmix_lambda_is_the_fraction_of_pixels_from_the_first_image():
+    h, w = 8, 6
+    first, second = torch.zeros(2, 3, h, w), torch.ones(2, 3, h, w)
+    for seed in range(200):
+        torch.manual_seed(seed)
+        box, lam = draw_cutmix_box(h, w)
+        assert box == np_cutmix_box(h, w, seed)
+        mixed = cutmix_images(first, second, box)
+        assert (mixed == 0).float().mean().item() == pytest.approx(lam, abs=1e-6)
+        assert 0.0 <= lam <= 1.0
+
+
+def test_cutmix_method_weights_teacher_parts_by_area():
+    method = build_method("cutmix")
+    batch = group_batch(4, 2, 5)
+    student = Recorder(16, 5)
+    torch.manual_seed(5)
+    terms = method.loss(student, batch)
+    torch.manual_seed(5)
+    box, lam = draw_cutmix_box(4, 4)
+    y0, y1, x0, x1 = box
+    expected = batch.images[:, 0].clone()
+    expected[..., y0:y1, x0:x1] = batch.images[:, 1, :, y0:y1, x0:x1]
+    torch.testing.assert_close(student.seen[0], expected)
+    logits = student.fc(student.seen[0].flatten(1)).detach().double().numpy()
+    t = batch.teacher_logits.double().numpy()
+    target = lam * np_softmax(t[:, 0]) + (1 - lam) * np_softmax(t[:, 1])
+    assert terms["soft"].item() == pytest.approx(-(target * np_log_softmax(logits)).sum(-1).mean(), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mixup", "mixup3", "cutmix"])
+@pytest.mark.parametrize("case", ["identical", "two", "one-class"])
+def test_mixing_gradients_finite_on_edge_cases(name, case):
+    parts = 3 if name == "mixup3" else 2
+    b = 2 if case == "two" else 5
+    batch = group_batch(b, parts, 4, classes=1 if case == "one-class" else None, same=case == "identical")
+    student = Recorder(16, 4)
+    sum(build_method(name).loss(student, batch).values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters())
+
+
+# -------------------------------------------------------------------------------------- logit MSE
+
+
+def test_logit_mse_matches_numpy_and_its_step_size_does_not_depend_on_c():
+    for c in (10, 100, 1000):
+        s, t = rng.normal(size=(6, c)), rng.normal(size=(6, c))
+        sq = (s - t) ** 2
+        assert logit_mse_loss(t64(s), t64(t)).item() == pytest.approx(sq.sum(1).mean() / 100, rel=1e-6)
+        assert logit_mse_loss(t64(s), t64(t), "mean").item() == pytest.approx(sq.mean(), rel=1e-6)
+        z = t64(s).requires_grad_()
+        logit_mse_loss(z, t64(t)).backward()
+        np.testing.assert_allclose(z.grad.numpy(), 2 * (s - t) / 100 / 6, rtol=1e-4, atol=1e-9)
+    s = rng.normal(size=(4, 100))
+    assert logit_mse_loss(t64(s), t64(s + 1)).item() == pytest.approx(
+        logit_mse_loss(t64(s), t64(s + 1), "mean")
+    )
+
+
+def test_logit_mse_method_terms_and_zero_gradient_at_the_teacher():
+    method = build_method("logit-mse", w_ce=0.0)
+    student = Recorder(16, 5)
+    images = torch.randn(2, 1, 4, 4)
+    teacher = student.fc(images.flatten(1)).detach()
+    batch = Batch(torch.arange(2), images, torch.zeros(2, dtype=torch.long), 5, teacher)
+    terms = method.loss(student, batch)
+    sum(terms.values()).backward()
+    assert set(terms) == {"ce", "mse"} and terms["mse"].item() == pytest.approx(0.0, abs=1e-10)
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() < 1e-6 for p in student.parameters())
+
+
+# -------------------------------------------------------------------------------------------- CRD
+
+
+def test_contrast_indices_respect_classes_and_replacement_rules():
+    table = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
+    index = torch.tensor([0, 4, 7, 8])
+    labels = table[index]
+    g = torch.Generator().manual_seed(0)
+    for k in (4, 50):  # 4 fits every pool (>= 7 rows, distinct draws); 50 does not (with replacement)
+        idx = draw_contrast_indices(index, labels, table, 3, k, "index", g)
+        assert idx.shape == (4, k + 1) and torch.equal(idx[:, 0], index)
+        assert (table[idx[:, 1:]] != labels[:, None]).all()
+        if k == 4:
+            assert all(len(set(row.tolist())) == k for row in idx[:, 1:])
+    idx = draw_contrast_indices(index, labels, table, 3, 6, "label", g)
+    assert torch.equal(table[idx[:, 0]], labels)
+    # draws with replacement are uniform over the pool: anchor class 2 -> rows 0..6
+    counts = np.bincount(
+        draw_contrast_indices(index[2:3], labels[2:3], table, 3, 7000, "index", g)[0, 1:], minlength=12
+    )
+    assert counts[7:].sum() == 0 and np.all(np.abs(counts[:7] - 1000) < 150), counts
+    # rows whose label is not known yet are never negatives; one known class falls back to all rows
+    partial = torch.where(torch.arange(12) % 3 == 0, -1, table)
+    idx = draw_contrast_indices(index[:2], labels[:2], partial, 3, 100, "index", g)
+    assert (partial[idx[:, 1:]] >= 0).all() and (partial[idx[:, 1:]] != labels[:2, None]).all()
+    lone = draw_contrast_indices(index[:1], labels[:1], torch.zeros(12, dtype=torch.long), 3, 200, "index", g)
+    assert lone.min() >= 0 and lone.max() < 12
+
+
+def np_crd_side(anchors, memory, idx, tau, z=None):
+    """The reference NCE of one side with explicit loops (METHODS.md M8), and its Z."""
+    b, k1 = idx.shape
+    n, k = memory.shape[0], k1 - 1
+    o = np.array([[np.exp(memory[idx[i, j]] @ anchors[i] / tau) for j in range(k1)] for i in range(b)])
+    z = o.mean() * n if z is None else z
+    o = o / z
+    pn, eps = 1.0 / n, 1e-7
+    total = 0.0
+    for i in range(b):
+        total += np.log(o[i, 0] / (o[i, 0] + k * pn + eps))
+        total += sum(np.log(k * pn / (o[i, j] + k * pn + eps)) for j in range(1, k1))
+    return -total / b, z
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_crd_nce_matches_reference_loops():
+    n, d, b, k, tau = 9, 6, 4, 12, 0.07
+    memory, anchors = unit(rng.normal(size=(n, d))), unit(rng.normal(size=(b, d)))
+    idx = rng.integers(0, n, size=(b, k + 1))
+    expected, z = np_crd_side(anchors, memory, idx, tau)
+    scores = contrast_log_scores(t64(anchors), t64(memory), torch.tensor(idx), tau)
+    np.testing.assert_allclose(scores.numpy(), np.einsum("bkd,bd->bk", memory[idx], anchors) / tau, rtol=1e-6)
+    log_z = nce_log_normalizer(scores, n)
+    assert log_z.item() == pytest.approx(np.log(z), rel=1e-6)
+    assert crd_nce_loss(scores, log_z, n).item() == pytest.approx(expected, rel=1e-5)
+    # a later batch is scored with the first batch's Z
+    idx2 = rng.integers(0, n, size=(b, k + 1))
+    later, _ = np_crd_side(anchors, memory, idx2, tau, z)
+    scores2 = contrast_log_scores(t64(anchors), t64(memory), torch.tensor(idx2), tau)
+    assert crd_nce_loss(scores2, log_z, n).item() == pytest.approx(later, rel=1e-5)
+
+
+def crd_setup(n=20, c=4, b=4, pass_labels=True, **options):
+    method = build_method("crd", **options)
+    student = Recorder(16, c).to(DEVICE)
+    labels = (torch.arange(n) % c).to(DEVICE)
+    ctx = MethodContext(n, c, b, student, DEVICE, {"embedding": (16,)}, (1, 4, 4))
+    if pass_labels:
+        ctx.train_labels = labels  # what the engine is asked to pass; absent, the table is learnt
+    method.setup(ctx)
+    method.modules().to(DEVICE)
+    feats = torch.randn(n, 16, device=DEVICE)
+    logits = torch.randn(n, c, device=DEVICE) * 2
+
+    def batch(index, same=False):
+        index = torch.as_tensor(index, device=DEVICE)
+        images = torch.randn(len(index), 1, 4, 4, device=DEVICE)
+        t_logits, t_feats = logits[index], feats[index]
+        if same:
+            images, t_logits, t_feats = (v[:1].expand_as(v).clone() for v in (images, t_logits, t_feats))
+        return Batch(index, images, labels[index], c, t_logits, {"embedding": t_feats})
+
+    return method, student, batch
+
+
+def test_crd_memory_has_n_rows_on_device_and_updates_only_the_batch_rows():
+    method, student, batch = crd_setup(num_negatives=30)
+    memory = method.extra["memory"]
+    assert memory.student.shape == (20, 128) and memory.teacher.shape == (20, 128)
+    assert memory.student.device.type == DEVICE.type and memory.labels.device.type == DEVICE.type
+    assert {"memory.student", "memory.teacher", "memory.log_z"} <= set(method.modules().state_dict())
+    before_s, before_t = memory.student.clone(), memory.teacher.clone()
+    first = torch.tensor([3, 7, 11, 12])
+    method.loss(student, batch(first))
+    v_s, v_t = memory.pending_student.clone(), memory.pending_teacher.clone()
+    log_z = memory.log_z.clone()
+    assert torch.isfinite(log_z).all()
+    method.loss(student, batch([0, 5, 9]))  # applies the first step's update, defers its own
+    for bank, before, v in ((memory.student, before_s, v_s), (memory.teacher, before_t, v_t)):
+        changed = (bank != before).any(dim=1).nonzero().flatten().cpu()
+        assert torch.equal(changed, first)
+        old, new = before[first].double().cpu().numpy(), v.double().cpu().numpy()
+        np.testing.assert_allclose(bank[first].double().cpu().numpy(), unit(0.5 * old + 0.5 * new), rtol=1e-5)
+        assert torch.allclose(bank[first].norm(dim=1), torch.ones(4, device=DEVICE), atol=1e-5)
+    assert torch.equal(memory.log_z, log_z)  # Z is fixed by the first batch
+    # restoring a snapshot (as at a phase end) brings the bank back with the student
+    snapshot = trainable_state(student, method.modules())
+    method.loss(student, batch([1, 2]))
+    method.loss(student, batch([4, 6]))
+    load_trainable_state(student, method.modules(), snapshot)
+    assert torch.equal(memory.student, snapshot["extra"]["memory.student"].to(DEVICE))
+
+
+def test_crd_learns_labels_from_batches_when_the_context_has_none():
+    method, student, batch = crd_setup(pass_labels=False, num_negatives=40)
+    table = method.extra["memory"].labels
+    assert (table == -1).all()
+    method.loss(student, batch([0, 5, 10, 15]))
+    expected = torch.full((20,), -1, device=DEVICE)
+    expected[[0, 5, 10, 15]] = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    assert torch.equal(table, expected)
+
+
+@pytest.mark.parametrize("on,positive", [("logits", "index"), ("embedding", "label")])
+@pytest.mark.parametrize("case", ["identical", "two", "one-class", "one-class-subset"])
+def test_crd_gradients_finite_on_edge_cases(on, positive, case):
+    method, student, batch = crd_setup(c=1 if case == "one-class-subset" else 4, on=on, positive=positive)
+    rows = {"two": [2, 9], "one-class": [0, 4, 8, 12]}.get(case, [1, 4, 6, 13])
+    for _ in range(2):  # the second step reads the updated memory and the frozen Z
+        student.zero_grad()
+        method.modules().zero_grad()
+        terms = method.loss(student, batch(rows, same=case == "identical"))
+        sum(terms.values()).backward()
+    assert set(terms) == {"ce", "kd", "crd"} and all(torch.isfinite(v) for v in terms.values())
+    params = list(student.parameters()) + list(method.modules().parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+
+
+@pytest.mark.parametrize("name", ["mixup", "crd"])
+def test_terms_stay_float32_under_bf16_autocast(name):
+    def first_step(autocast):
+        torch.manual_seed(7)  # the same fresh method, student and batch each time (CRD: Z unset)
+        if name == "crd":
+            method, student, make = crd_setup(n=20, c=4, b=4, num_negatives=30)
+            batch = make([1, 4, 6, 13])
+        else:
+            method, student, batch = build_method(name), Recorder(16, 5), group_batch(6, 2, 5)
+        with torch.autocast(DEVICE.type, torch.bfloat16, enabled=autocast):
+            return method.loss(student, batch)
+
+    plain, mixed = first_step(False), first_step(True)
+    for key, value in mixed.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value)
+        assert value.item() == pytest.approx(plain[key].item(), rel=0.05, abs=1e-3), key
+
+
+def test_bad_options_are_user_errors():
+    for name, opts in [
+        ("mixup", {"soft": "mse"}),
+        ("mixup", {"parts": 1}),
+        ("cutmix", {"max_groups": 0}),
+        ("logit-mse", {"reduction": "sum"}),
+        ("logit-mse", {"ref_classes": 0}),
+        ("crd", {"positive": "class"}),
+        ("crd", {"momentum": 1.0}),
+        ("crd", {"on": ""}),
+    ]:
+        with pytest.raises(FtikdError):
+            build_method(name, **opts)
+    assert build_method("crd", on="embedding").teacher_features == ("embedding",)
+
+
+# ----------------------------------------------------------------------------------- runs, budget
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.mark.parametrize("method", ["mixup3", "cutmix", "crd"])
+def test_resumed_training_matches_uninterrupted(tmp_path, digits, method):
+    """Mixing draws and CRD's memory, Z and pending update all come back from the checkpoint."""
+    n = 80
+    data = TrainData(
+        train_images=digits.train_images[:n],
+        train_labels=digits.train_labels[:n],
+        val_images=digits.train_images[n : n + 20],
+        val_labels=digits.train_labels[n : n + 20],
+        mean=digits.mean,
+        std=digits.std,
+        num_classes=10,
+        teacher_logits=torch.randn(n, 10, generator=torch.Generator().manual_seed(0)) * 3,
+    )
+
+    def run(max_epochs, checkpoint, resume=False):
+        torch.manual_seed(0)
+        student = build_model("resnet8", in_channels=1, num_classes=10)
+        cfg = TrainConfig(max_epochs=max_epochs, patience=1, phases=3)
+        opts = {"num_negatives": 500} if method == "crd" else {}
+        result = fit(
+            student, build_method(method, **opts), data, cfg, 1, checkpoint=checkpoint, resume=resume
+        )
+        return [{k: v for k, v in h.items() if k != "time_s"} for h in result.history], student.state_dict()
+
+    full, weights = run(4, tmp_path / "a.pt")
+    run(2, tmp_path / "b.pt")
+    resumed, resumed_weights = run(4, tmp_path / "b.pt", resume=True)
+    assert resumed == full and any(h.get("phase_end") for h in full)
+    assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
+
+
+class CountingTeacher(Teacher):
+    """The checkpoint teacher, counting the images it is really called on."""
+
+    def __init__(self, base: Teacher):
+        self.seen = 0
+
+        def fn(x):
+            self.seen += x.shape[0]
+            return base(x)
+
+        super().__init__(fn, base.fingerprint, base.name)
+
+
+@pytest.mark.parametrize("method", ["mixup", "cutmix"])
+def test_mixing_run_pays_exactly_n_teacher_calls(tmp_path, digits, digits_teacher, method):
+    counting = CountingTeacher(Teacher.from_checkpoint(digits_teacher))
+    cfg = RunConfig(
+        teacher=str(digits_teacher),
+        dataset="digits",
+        method=method,
+        calls=80,
+        out=str(tmp_path / "runs"),
+        train=TrainConfig(max_epochs=2),
+    )
+    result = run_distillation(cfg, teacher=counting, dataset=digits, progress=False)
+    calls = result.record["teacher_calls"]
+    assert counting.seen == 80 and calls["paid_this_run"] == 80 and calls["store_paid_total"] == 80
+    with TeacherStore.open(calls["store"], counting.fingerprint, "digits", 10) as store:
+        assert store.paid_calls() == 80
+
+
+@pytest.mark.parametrize(
+    "method,opts",
+    [
+        ("mixup", []),
+        ("mixup3", []),
+        ("cutmix", []),
+        ("logit-mse", []),
+        ("crd", []),
+        ("crd", ["on=embedding"]),
+    ],
+)
+def test_cli_one_pseudo_epoch(tmp_path, digits_teacher, capsys, method, opts):
+    args = ["distill", "--dataset", "digits", "--teacher", str(digits_teacher), "--method", method]
+    args += [a for opt in opts for a in ("--opt", opt)]
+    args += ["--calls", "80", "--max-epochs", "1", "--out", str(tmp_path / "runs"), "--no-progress"]
+    assert main(args) == 0
+    assert "80 paid now" in capsys.readouterr().out
