@@ -1,4 +1,5 @@
-"""Model zoo: CIFAR ResNets, Wide ResNets and VGGs (RepDistiller architectures).
+"""Model zoo: CIFAR ResNets, Wide ResNets, VGGs, MobileNetV2 and ShuffleNetV1/V2 (RepDistiller
+architectures), and any timm model as ``timm:NAME`` (optional extra, :mod:`ftikd.models.timm_adapter`).
 
 Importing this package registers every architecture; build one with
 ``build_model(name, in_channels, num_classes)``. Each model's ``forward(x, with_features=False)``
@@ -7,7 +8,17 @@ listed by ``model.feature_names()`` (``stem``, ``stage{i}``, ``stage{i}_pre``, `
 ``model.embedding_dim`` is the width of ``embedding``.
 """
 
-from ftikd.models import resnet, vgg, wrn
+from ftikd.models import mobilenetv2, resnet, shufflenet, vgg, wrn
 from ftikd.models.base import ModelOutput, available_models, build_model, register_model
 
-__all__ = ["ModelOutput", "available_models", "build_model", "register_model", "resnet", "vgg", "wrn"]
+__all__ = [
+    "ModelOutput",
+    "available_models",
+    "build_model",
+    "register_model",
+    "mobilenetv2",
+    "resnet",
+    "shufflenet",
+    "vgg",
+    "wrn",
+]

@@ -46,7 +46,11 @@ def available_models() -> list[str]:
 
 
 def build_model(name: str, in_channels: int = 3, num_classes: int = 100) -> nn.Module:
-    """Instantiate a registered architecture; unknown names are a user error."""
+    """Instantiate a registered architecture or ``timm:NAME`` (optional extra); unknown names: user error."""
+    if name.startswith("timm:"):
+        from ftikd.models.timm_adapter import timm_student
+
+        return timm_student(name.removeprefix("timm:"), in_channels=in_channels, num_classes=num_classes)
     if name not in _REGISTRY:
         raise FtikdError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}")
     return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes)
