@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-step setup on a fresh Debian machine: the Fashion-MNIST package, a virtual environment in
-# .venv with the CPU build of torch pinned, and ftikd installed editable with its test tools.
+# .venv with the CPU build of torch pinned, and ftikd installed editable with its test tools and
+# Ray (the sweep's cluster executor, tested on a local instance).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,5 +24,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "setup: installing torch==${FTIKD_TORCH:-2.13.0} (CPU build)"
     .venv/bin/pip install -q "torch==${FTIKD_TORCH:-2.13.0}"
 fi
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -e '.[test,ray]'
 echo "setup: ready ($(.venv/bin/python -c 'import torch, ftikd; print("ftikd", ftikd.__version__, "torch", torch.__version__)'))"

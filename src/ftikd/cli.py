@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ftikd.checks import check_output_file
+from ftikd.cli_analyze import add_analyze_commands
+from ftikd.cli_sweep import add_sweep_commands
 from ftikd.errors import FtikdError
 
 
@@ -322,7 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="ftikd's training step and teacher caching against the bare model")
     p.add_argument("--students", nargs="+", help="student architectures (default resnet8 wrn_16_2 resnet8x4)")
-    p.add_argument("--methods", nargs="+", help="methods to time (default ce kd ckd ckd-inbatch)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        help="methods to time, or 'all' for every registered one (default ce kd ckd ckd-inbatch)",
+    )
     p.add_argument("--teacher", help="teacher for caching and torchdistill's KD (default resnet14)")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="as in distill (default auto)")
@@ -347,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("models", help="list the registered architectures")
     p.set_defaults(func=cmd_models)
+    add_sweep_commands(sub)
+    add_analyze_commands(sub)
     return parser
 
 
