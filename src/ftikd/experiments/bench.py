@@ -27,12 +27,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ftikd.checks import bounded, check_device, check_ranges
 from ftikd.data import normalize, view_crop_flip
@@ -46,7 +47,7 @@ from ftikd.engine.trainer import (
     train_step,
 )
 from ftikd.errors import FtikdError
-from ftikd.methods import build_method
+from ftikd.methods import available_methods, build_method
 from ftikd.models import build_model
 from ftikd.teacher import Teacher, TeacherStore
 
@@ -148,6 +149,24 @@ def synthetic_data(cfg: BenchConfig, device: torch.device) -> TrainData:
     )
 
 
+@torch.no_grad()
+def with_teacher_features(cfg: BenchConfig, data: TrainData, names: tuple[str, ...]) -> TrainData:
+    """``data`` plus the bench teacher's features ``names`` on its images, as a store would hold them."""
+    if not names or set(names) <= set(data.teacher_features):
+        return data
+    device = data.train_images.device
+    torch.manual_seed(0)
+    teacher = build_model(cfg.teacher, in_channels=cfg.channels, num_classes=cfg.num_classes)
+    teacher.to(device).eval()
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for start in range(0, data.num_train, 256):
+        images = normalize(data.train_images[start : start + 256], data.mean, data.std)
+        features = teacher(images, with_features=True).features
+        for name in names:
+            chunks[name].append(features[name].float())
+    return replace(data, teacher_features={name: torch.cat(parts) for name, parts in chunks.items()})
+
+
 def bench_student(
     cfg: BenchConfig, arch: str, data: TrainData, sync: Callable[[], None], worker: TorchdistillWorker | None
 ) -> list[dict]:
@@ -208,16 +227,30 @@ def ftikd_steps(
     torch.manual_seed(0)
     model = build_model(arch, in_channels=cfg.channels, num_classes=cfg.num_classes)
     method = build_method(method_name)
+    data = with_teacher_features(cfg, data, tuple(method.teacher_features))
     parts = build_training(model, method, data, bench_train_config(cfg), seed=0)
-    per_step = parts.sampler.next_batch().numel()
+
+    def step() -> None:
+        train_step(
+            parts.model, method, data, parts.sampler, parts.optimizer, parts.aug_generator, parts.options
+        )
 
     def steps() -> None:
         for _ in range(cfg.steps):
-            train_step(
-                parts.model, method, data, parts.sampler, parts.optimizer, parts.aug_generator, parts.options
-            )
+            step()
 
-    return steps, per_step
+    return steps, images_through_student(model, step)
+
+
+def images_through_student(model: nn.Module, step: Callable[[], None]) -> int:
+    """Images the student forwards in one ``step`` (a mixed image counts once, a CKD group k times)."""
+    seen = [0]
+    hook = model.register_forward_pre_hook(lambda _m, args: seen.__setitem__(0, seen[0] + args[0].shape[0]))
+    try:
+        step()
+    finally:
+        hook.remove()
+    return seen[0]
 
 
 def bench_caching(cfg: BenchConfig, data: TrainData, sync: Callable[[], None]) -> list[dict]:
@@ -386,6 +419,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """
     check_ranges(cfg)
     check_device(cfg.device)
+    if cfg.methods == ["all"]:
+        cfg = replace(cfg, methods=available_methods())
     resolve_step_settings(bench_train_config(cfg), ONE_PROCESS)  # refuse bad settings before measuring
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
