@@ -327,9 +327,7 @@ def _distill(tmp_path, teacher, method, *options, flags=()):
         ("cc", (), {"ce", "kd", "cc"}),
     ],
 )
-def test_one_epoch_on_digits_through_the_cli(
-    tmp_path, digits_teacher, method, options, terms
-):
+def test_one_epoch_on_digits_through_the_cli(tmp_path, digits_teacher, method, options, terms):
     record = _distill(tmp_path, digits_teacher, method, *options)
     (epoch,) = record["history"]
     assert terms <= set(epoch) and all(math.isfinite(epoch[name]) for name in terms)
@@ -337,9 +335,7 @@ def test_one_epoch_on_digits_through_the_cli(
 
 
 @pytest.mark.parametrize("method", ["rkd", "sp", "cc", "rkd-d"])
-def test_on_embedding_reads_the_cached_teacher_feature(
-    tmp_path, digits_teacher, method
-):
+def test_on_embedding_reads_the_cached_teacher_feature(tmp_path, digits_teacher, method):
     extra = ("projection=learned",) if method == "rkd-d" else ()
     record = _distill(tmp_path, digits_teacher, method, "on=embedding", *extra)
     assert record["method"]["on"] == "embedding"

@@ -50,3 +50,16 @@ def test_groups_deterministic_by_seed():
     g1 = build_groups(1000, 3, 2000, torch.Generator().manual_seed(3))
     g2 = build_groups(1000, 3, 2000, torch.Generator().manual_seed(3))
     assert torch.equal(g1, g2)
+
+
+def test_n500_k2_groups_are_a_uniform_subsample_of_all_ordered_pairs():
+    # the reference (CKDSample) enumerates all 500 * 499 ordered pairs, since that is under 5x the
+    # 100,000 cap, and keeps a uniform sample of 100,000: every sample ~200 times on each side
+    groups = build_groups(500, 2, 100_000, torch.Generator().manual_seed(0))
+    assert groups.shape == (100_000, 2)
+    for side in (0, 1):
+        counts = torch.bincount(groups[:, side], minlength=500).float()
+        assert counts.mean().item() == pytest.approx(200.0)
+        assert counts.min() > 140 and counts.max() < 260
+    pairs = {tuple(g) for g in groups.tolist()}
+    assert sum((b, a) in pairs for a, b in list(pairs)[:5000]) > 1500  # both orders occur (~40 %)

@@ -1,7 +1,7 @@
 """Loss functions as plain functions of tensors, reusable outside the engine.
 
 One module per family: ``logit`` (KD, CKD), ``relational`` (RKD, RKD_d, DIST, SP, PKT, CC),
-``contrastive`` (CRD), ``mixing`` (Mixup, CutMix with a fixed teacher),
+``contrastive`` (CRD), ``mixing`` (Mixup, CutMix with a fixed teacher), ``regression`` (logit MSE),
 ``feature`` (FitNets, VID, AT, FSP) and ``online`` (DML, ONE). Everything public is re-exported here, so
 ``from ftikd.losses import ckd_group_loss`` works whatever file a loss lives in.
 """
@@ -22,9 +22,12 @@ from ftikd.losses.feature import (
     vid_loss,
 )
 from ftikd.losses.logit import (
+    CKD_REDUCTIONS,
+    REF_CLASSES,
     ckd_group_loss,
     ckd_inbatch_loss,
     ckd_terms,
+    class_count_scale,
     compare_groups,
     comparison_weights,
     group_split_sizes,
@@ -47,6 +50,9 @@ from ftikd.losses.online import (
     mutual_kl_loss,
     sigmoid_rampup,
 )
+from ftikd.losses.regression import (
+    logit_mse_loss,
+)
 from ftikd.losses.relational import (
     cc_loss,
     dist_loss,
@@ -60,6 +66,9 @@ from ftikd.losses.relational import (
 )
 
 __all__ = [
+    "CKD_REDUCTIONS",
+    "REF_CLASSES",
+    "class_count_scale",
     "at_loss",
     "attention_map",
     "cc_loss",
@@ -81,6 +90,7 @@ __all__ = [
     "group_split_sizes",
     "hint_loss",
     "kd_loss",
+    "logit_mse_loss",
     "logit_offset_loss",
     "match_spatial",
     "mix_images",

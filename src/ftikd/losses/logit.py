@@ -13,6 +13,9 @@ import torch.nn.functional as F
 
 Comparison = Literal["difference", "addition", "interpolation"]
 CKDForm = Literal["mse", "kl"]
+CKDReduction = Literal["ref", "mean"]
+CKD_REDUCTIONS = ("ref", "mean")
+REF_CLASSES = 100
 
 
 def kd_loss(
@@ -61,23 +64,51 @@ def compare_groups(values: torch.Tensor, comparison: Comparison, lam: float | No
     return l1 * values[:, :a].mean(dim=1) + l2 * values[:, a:].mean(dim=1)
 
 
+def class_count_scale(
+    num_classes: int, reduction: CKDReduction = "ref", ref_classes: int = REF_CLASSES
+) -> float:
+    """Factor turning a class-mean squared error into one whose step size does not depend on C.
+
+    A mean over the C classes (the authors' ``nn.MSELoss``) gives each logit a gradient that scales
+    as 1/C (issue 9). ``ref`` multiplies by C / ``ref_classes``, i.e. a sum over classes divided
+    by a fixed reference count: equal to the authors' objective at C = ``ref_classes`` (100,
+    CIFAR-100, where the protocol's LR grid was chosen) and the same per-logit step at any C.
+    ``mean`` keeps the class mean (factor 1).
+    """
+    if reduction == "mean":
+        return 1.0
+    if reduction == "ref":
+        if ref_classes < 1:
+            raise ValueError("ref_classes must be positive")
+        return num_classes / ref_classes
+    raise ValueError(f"unknown CKD reduction {reduction!r}; choose one of {', '.join(CKD_REDUCTIONS)}")
+
+
 def ckd_terms(
     student_delta: torch.Tensor,
     teacher_delta: torch.Tensor,
     label_delta: torch.Tensor,
     form: CKDForm = "mse",
     temperature: float = 4.0,
+    reduction: CKDReduction = "ref",
+    ref_classes: int = REF_CLASSES,
 ) -> dict[str, torch.Tensor]:
     """The two CKD terms on already-compared vectors (METHODS.md M2.2 / M2.3).
 
-    ``mse``: elementwise-mean MSE of raw logit differences against label and teacher differences.
-    ``kl``: the authors' ICLR code: T^2 batchmean KL with the label/teacher side first.
+    ``mse``: squared error of raw logit differences against label and teacher differences, a
+    class mean times :func:`class_count_scale` (``reduction="mean"``: the authors' ``nn.MSELoss``;
+    the default ``ref``: sum over classes / ``ref_classes``).
+    ``kl``: the authors' ICLR code: T^2 batchmean KL with the label/teacher side first, whatever
+    ``reduction``: it is already a sum over classes, and its dominant teacher term measured a 2-3x
+    larger per-logit step at C = 10 than at C = 100 where the MSE's is 10x (docs/ckd-fidelity.md),
+    so a C / 100 factor would over-correct it.
     Returns ``{"ckd_label": ..., "ckd_teacher": ...}`` (weights applied by the caller).
     """
+    scale = class_count_scale(student_delta.shape[-1], reduction, ref_classes)
     if form == "mse":
         return {
-            "ckd_label": F.mse_loss(student_delta.float(), label_delta.float()),
-            "ckd_teacher": F.mse_loss(student_delta.float(), teacher_delta.float()),
+            "ckd_label": scale * F.mse_loss(student_delta.float(), label_delta.float()),
+            "ckd_teacher": scale * F.mse_loss(student_delta.float(), teacher_delta.float()),
         }
     if form == "kl":
         return {
@@ -95,11 +126,14 @@ def ckd_group_loss(
     form: CKDForm = "mse",
     temperature: float = 4.0,
     lam: float | None = None,
+    reduction: CKDReduction = "ref",
+    ref_classes: int = REF_CLASSES,
 ) -> dict[str, torch.Tensor]:
     """Group CKD (METHODS.md M2.1-M2.3) on per-member tensors shaped (G, k, C).
 
     Each group's first ceil(k/2) members form A, the rest B; the centroid of each half is taken in
     logit (and label) space, then compared with phi. No per-sample cross-entropy is involved.
+    ``reduction``: see :func:`ckd_terms` (``mean`` is the authors' objective).
     """
     return ckd_terms(
         compare_groups(student_logits, comparison, lam),
@@ -107,19 +141,28 @@ def ckd_group_loss(
         compare_groups(label_onehot, comparison, lam),
         form,
         temperature,
+        reduction,
+        ref_classes,
     )
 
 
-def logit_offset_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+def logit_offset_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    reduction: CKDReduction = "ref",
+    ref_classes: int = REF_CLASSES,
+) -> torch.Tensor:
     """MSE between the batch-mean student and teacher logit vectors (ftikd extension, not in CKD).
 
     Difference-only CKD objectives are blind to a logit offset shared by all samples (METHODS.md
     M2.7, A37), which shifts argmax predictions. This term constrains exactly that direction, from
-    the cached teacher outputs, without a per-sample target. Leading dims are flattened.
+    the cached teacher outputs, without a per-sample target. Leading dims are flattened. A class
+    mean has CKD's 1/C step-size trap, so ``reduction`` rescales it as in :func:`ckd_terms`.
     """
     c = student_logits.shape[-1]
     s_mean = student_logits.reshape(-1, c).float().mean(dim=0)
-    return F.mse_loss(s_mean, teacher_logits.reshape(-1, c).float().mean(dim=0))
+    mse = F.mse_loss(s_mean, teacher_logits.reshape(-1, c).float().mean(dim=0))
+    return class_count_scale(c, reduction, ref_classes) * mse
 
 
 def _pairwise_mse_mean(residual: torch.Tensor) -> torch.Tensor:
@@ -139,6 +182,8 @@ def ckd_inbatch_loss(
     label_onehot: torch.Tensor,
     form: CKDForm = "mse",
     temperature: float = 4.0,
+    reduction: CKDReduction = "ref",
+    ref_classes: int = REF_CLASSES,
 ) -> dict[str, torch.Tensor]:
     """In-batch CKD (ftikd's own variant, not from the CKD paper): every pair of a batch is compared.
 
@@ -146,14 +191,16 @@ def ckd_inbatch_loss(
     comparisons from B student forwards. The MSE form equals the mean of the group form's k=2
     MSE over all unordered pairs (each pair's two orders give the same value) and is computed in
     O(B*C). The KL form is not symmetric, so it averages over all ordered pairs i != j.
+    ``reduction`` scales the MSE form as in :func:`ckd_terms` (``mean``: the elementwise mean).
     """
     b = student_logits.shape[0]
     if b < 2:
         raise ValueError("in-batch CKD needs at least 2 samples per batch")
     if form == "mse":
+        scale = class_count_scale(student_logits.shape[-1], reduction, ref_classes)
         return {
-            "ckd_label": _pairwise_mse_mean(student_logits - label_onehot),
-            "ckd_teacher": _pairwise_mse_mean(student_logits - teacher_logits),
+            "ckd_label": scale * _pairwise_mse_mean(student_logits - label_onehot),
+            "ckd_teacher": scale * _pairwise_mse_mean(student_logits - teacher_logits),
         }
     if form == "kl":
         i, j = torch.triu_indices(b, b, offset=1, device=student_logits.device)
@@ -164,5 +211,7 @@ def ckd_inbatch_loss(
             label_onehot[i] - label_onehot[j],
             form="kl",
             temperature=temperature,
+            reduction=reduction,
+            ref_classes=ref_classes,
         )
     raise ValueError(f"unknown CKD form {form!r}")

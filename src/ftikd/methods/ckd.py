@@ -4,6 +4,8 @@ Each step draws 64 groups from a fixed set of at most ``max_groups`` groups; the
 on the stacked A halves and once on the B halves (so BatchNorm sees the halves separately, as in
 the authors' code), centroids are compared by phi, and the student difference is matched to the
 cached teacher difference and to the label difference. There is no per-sample cross-entropy.
+By default the MSE terms are summed over classes / 100 instead of the authors' class mean, so the
+protocol's LR takes the same step at any class count (``reduction=mean`` restores the authors').
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ftikd.losses import ckd_group_loss, group_split_sizes, logit_offset_loss
+from ftikd.losses.logit import (
+    CKD_REDUCTIONS,
+    REF_CLASSES,
+    ckd_group_loss,
+    group_split_sizes,
+    logit_offset_loss,
+)
 from ftikd.methods.base import Batch, Method, MethodConfig, forward_student, register_method
 from ftikd.methods.samplers import FixedSetSampler, IndexSampler, build_groups
 
@@ -22,6 +30,11 @@ from ftikd.methods.samplers import FixedSetSampler, IndexSampler, build_groups
 class CKDLossConfig(MethodConfig):
     """Loss options shared by group and in-batch CKD.
 
+    ``reduction`` (MSE form and offset term): ``ref`` (default) sums the squared error over the C
+    classes and divides by ``ref_classes`` = 100, so the step on each logit is the same for any
+    class count and equals the authors' objective on CIFAR-100, where the protocol's LR grid was
+    chosen; ``mean`` is the authors' exact class mean, whose step scales as 1/C (issue 9). The KL
+    form is the authors' batchmean class sum under either (docs/ckd-fidelity.md).
     ``w_offset`` > 0 adds ftikd's offset term (:func:`ftikd.losses.logit_offset_loss`, not in the
     paper); the default 0 is the authors' objective.
     """
@@ -31,10 +44,16 @@ class CKDLossConfig(MethodConfig):
     w_label: float = 1.0
     w_teacher: float = 1.0
     w_offset: float = 0.0
+    reduction: str = "ref"
+    ref_classes: int = REF_CLASSES
 
     def __post_init__(self) -> None:
         if self.form not in ("mse", "kl"):
             raise ValueError("CKD form must be 'mse' or 'kl'")
+        if self.reduction not in CKD_REDUCTIONS:
+            raise ValueError(f"CKD reduction must be one of {', '.join(CKD_REDUCTIONS)}")
+        if self.ref_classes < 1:
+            raise ValueError("ref_classes must be positive")
 
 
 @dataclass
@@ -62,14 +81,18 @@ def ckd_weighted_terms(
     """Apply the label and teacher weights, and add the offset term when ``w_offset`` > 0."""
     out = {"ckd_label": cfg.w_label * terms["ckd_label"], "ckd_teacher": cfg.w_teacher * terms["ckd_teacher"]}
     if cfg.w_offset > 0:
-        out["offset"] = cfg.w_offset * logit_offset_loss(student_logits, teacher_logits)
+        offset = logit_offset_loss(student_logits, teacher_logits, cfg.reduction, cfg.ref_classes)
+        out["offset"] = cfg.w_offset * offset
     return out
 
 
 @register_method
 class CKD(Method):
     name = "ckd"
-    summary = "Comparative KD: match teacher differences between groups of k samples (MSE or KL form)"
+    summary = (
+        "Comparative KD over groups of k samples (MSE or KL form); MSE summed over classes / 100, "
+        "the same step at any class count (reduction=mean: the authors' class mean)"
+    )
     reference = "Xu et al., Comparative Knowledge Distillation (ICLR submission; WACV 2025)"
     Config = CKDConfig
 
@@ -88,6 +111,14 @@ class CKD(Method):
         # the interpolation weight is drawn once per batch, as in the authors' code (A5)
         lam = float(torch.rand(())) if cfg.comparison == "interpolation" else None
         terms = ckd_group_loss(
-            logits, batch.teacher_logits, batch.onehot(), cfg.comparison, cfg.form, cfg.temperature, lam
+            logits,
+            batch.teacher_logits,
+            batch.onehot(),
+            cfg.comparison,
+            cfg.form,
+            cfg.temperature,
+            lam,
+            cfg.reduction,
+            cfg.ref_classes,
         )
         return ckd_weighted_terms(terms, cfg, logits, batch.teacher_logits)

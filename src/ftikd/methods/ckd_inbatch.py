@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ftikd.losses import ckd_inbatch_loss
+from ftikd.losses.logit import ckd_inbatch_loss
 from ftikd.methods.base import Batch, Method, register_method
 from ftikd.methods.ckd import CKDLossConfig, ckd_weighted_terms
 
@@ -22,12 +22,23 @@ from ftikd.methods.ckd import CKDLossConfig, ckd_weighted_terms
 class InBatchCKD(Method):
     name = "ckd-inbatch"
     couples_batch_rows = True
-    summary = "ftikd variant (not the paper's): CKD over all pairs of a batch, one forward per image"
+    summary = (
+        "ftikd variant (not the paper's): CKD over all pairs of a batch, one forward per image; "
+        "MSE summed over classes / 100 like ckd"
+    )
     reference = "ftikd; builds on Xu et al., Comparative Knowledge Distillation"
     Config = CKDLossConfig
 
     def loss(self, student: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.config
         logits = student(batch.images).logits
-        terms = ckd_inbatch_loss(logits, batch.teacher_logits, batch.onehot(), cfg.form, cfg.temperature)
+        terms = ckd_inbatch_loss(
+            logits,
+            batch.teacher_logits,
+            batch.onehot(),
+            cfg.form,
+            cfg.temperature,
+            cfg.reduction,
+            cfg.ref_classes,
+        )
         return ckd_weighted_terms(terms, cfg, logits, batch.teacher_logits)
