@@ -5,8 +5,32 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftikd.data import load_dataset
 from ftikd.models import build_model
 from ftikd.teacher import save_checkpoint
+from ftikd.teacher.train import TeacherTrainConfig, train_teacher
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """sklearn's 8x8 digits, loaded once for every test module."""
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def trained_digits_teacher(tmp_path_factory, digits):
+    """``get(epochs)``: a resnet8 digits teacher trained for ``epochs``, trained once per session."""
+    paths: dict[int, Path] = {}
+
+    def get(epochs: int) -> Path:
+        if epochs not in paths:
+            path = tmp_path_factory.mktemp("teacher") / f"digits-resnet8-e{epochs}.safetensors"
+            cfg = TeacherTrainConfig(dataset="digits", arch="resnet8", epochs=epochs, out=str(path))
+            train_teacher(cfg, digits, progress=False)
+            paths[epochs] = path
+        return paths[epochs]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,9 @@ import pytest
 import torch
 
 from ftikd.cli import main
-from ftikd.data import load_dataset
 from ftikd.engine.trainer import TrainConfig
 from ftikd.experiments.run import RunConfig, run_distillation
 from ftikd.teacher import Teacher, TeacherStore, read_checkpoint_meta
-from ftikd.teacher.train import TeacherTrainConfig, train_teacher
 
 N = 160
 FAST = TrainConfig(patience=3, phases=2, max_epochs=12, lr=0.05)
@@ -26,17 +24,8 @@ METHODS = [("ce", {}), ("kd", {}), ("ckd", {}), ("ckd", {"k": 3, "form": "kl"}),
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory, digits):
-    path = tmp_path_factory.mktemp("teacher") / "digits-resnet8.safetensors"
-    train_teacher(
-        TeacherTrainConfig(dataset="digits", arch="resnet8", epochs=12, out=str(path)), digits, progress=False
-    )
-    return path
+def teacher_path(trained_digits_teacher):
+    return trained_digits_teacher(12)
 
 
 def test_teacher_checkpoint_has_metadata_and_learns(teacher_path):

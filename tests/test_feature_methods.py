@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ftikd.cli import main
-from ftikd.data import load_dataset, normalize
+from ftikd.data import normalize
 from ftikd.engine import trainer
 from ftikd.engine.trainer import TrainConfig, TrainData
 from ftikd.errors import FtikdError
@@ -19,7 +19,6 @@ from ftikd.methods import Batch, MethodContext, build_method
 from ftikd.methods.feature_common import ConvRegressor, StepClock, VIDHead
 from ftikd.models import build_model
 from ftikd.teacher import Teacher, TeacherStore
-from ftikd.teacher.train import TeacherTrainConfig, train_teacher
 
 rng = np.random.default_rng(0)
 METHODS = ["fitnets", "vid", "at", "fsp"]
@@ -306,17 +305,8 @@ def test_setup_refuses_mismatched_or_missing_features():
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory, digits):
-    path = tmp_path_factory.mktemp("teacher") / "digits-resnet8.safetensors"
-    train_teacher(
-        TeacherTrainConfig(dataset="digits", arch="resnet8", epochs=1, out=str(path)), digits, progress=False
-    )
-    return path
+def teacher_path(trained_digits_teacher):
+    return trained_digits_teacher(1)
 
 
 @pytest.mark.parametrize("name", METHODS)

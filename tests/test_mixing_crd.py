@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from ftikd.cli import main
-from ftikd.data import load_dataset
 from ftikd.engine.trainer import TrainConfig, TrainData, fit, load_trainable_state, trainable_state
 from ftikd.errors import FtikdError
 from ftikd.experiments.run import RunConfig, run_distillation
@@ -396,11 +395,6 @@ def test_bad_options_are_user_errors():
 
 
 # ----------------------------------------------------------------------------------- runs, budget
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.mark.parametrize("method", ["mixup3", "cutmix", "crd"])

@@ -13,7 +13,6 @@ from ftikd.cli import main
 from ftikd.models import ModelOutput, available_models, build_model
 from ftikd.models.mobilenetv2 import MobileNetV2
 from ftikd.models.shufflenet import channel_shuffle, shufflenet_v1, shufflenet_v2
-from ftikd.teacher.train import TeacherTrainConfig, train_teacher
 
 # CRD paper Table 2 (RepDistiller's mobile_half, ShuffleV1, ShuffleV2), CIFAR-100, millions.
 PUBLISHED_MPARAMS = {"mobilenetv2_half": 0.81, "shufflev1": 0.95, "shufflev2": 1.36}
@@ -152,13 +151,8 @@ def test_bad_configs() -> None:
 
 
 @pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory: pytest.TempPathFactory):
-    from ftikd.data import load_dataset
-
-    path = tmp_path_factory.mktemp("teacher") / "digits-resnet8.safetensors"
-    cfg = TeacherTrainConfig(dataset="digits", arch="resnet8", epochs=2, out=str(path))
-    train_teacher(cfg, load_dataset("digits"), progress=False)
-    return path
+def teacher_path(trained_digits_teacher):
+    return trained_digits_teacher(2)
 
 
 @pytest.mark.parametrize("student", ["mobilenetv2_half", "shufflev1", "shufflev2"])

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from ftikd.cli import main
-from ftikd.data import load_dataset
 from ftikd.engine import trainer
 from ftikd.engine.trainer import TrainConfig, TrainData, build_training
 from ftikd.errors import FtikdError
@@ -17,7 +16,6 @@ from ftikd.losses.online import ensemble_kl_loss, gated_ensemble, mutual_kl_loss
 from ftikd.methods import Batch, MethodContext, build_method
 from ftikd.methods.dml import independent_copy
 from ftikd.models import build_model
-from ftikd.teacher.train import TeacherTrainConfig, train_teacher
 
 rng = np.random.default_rng(0)
 
@@ -234,11 +232,6 @@ def test_one_refuses_a_student_without_block_groups():
 # ---------------------------------------------------------------- engine: restore, resume, digits runs
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
 def digits_data(digits):
     """64 training and 32 validation digits, no teacher outputs (online methods need none)."""
     images, labels = digits.train_images[:96], digits.train_labels[:96]
@@ -313,12 +306,8 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, digits, name
 
 
 @pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory, digits):
-    path = tmp_path_factory.mktemp("teacher") / "digits-resnet8.safetensors"
-    train_teacher(
-        TeacherTrainConfig(dataset="digits", arch="resnet8", epochs=1, out=str(path)), digits, progress=False
-    )
-    return path
+def teacher_path(trained_digits_teacher):
+    return trained_digits_teacher(1)
 
 
 @pytest.mark.parametrize("name", ["dml", "one"])
