@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import ftikd.teacher.store as store_mod
+import ftikd.teacher.store_sql as store_mod
 from ftikd.errors import BudgetExceededError, FtikdError
 from ftikd.models.base import ModelOutput, available_models, register_model
 from ftikd.teacher import (
