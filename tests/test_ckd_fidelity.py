@@ -16,7 +16,7 @@ import ftikd.engine.trainer as trainer
 from ftikd.cli import main
 from ftikd.data import load_dataset, normalize
 from ftikd.engine.trainer import TrainConfig, TrainData, evaluate, fit, make_batch
-from ftikd.experiments.run import teacher_view_images
+from ftikd.experiments.teacher_outputs import teacher_view_images
 from ftikd.methods import build_method
 from ftikd.methods.base import Batch
 from ftikd.methods.samplers import build_groups
@@ -138,7 +138,7 @@ def test_phase_end_restores_best_student_with_bn_buffers_not_momentum_then_lr_de
         return out
 
     monkeypatch.setattr(torch.optim.SGD, "step", spy_step)
-    cfg = TrainConfig(batch_size=8, patience=2, phases=2, lr=0.05)
+    cfg = TrainConfig(batch_size=8, patience=2, phases=2, lr=0.05, eval_train=False)  # script = validation
     result = fit(
         student,
         build_method("ckd"),

@@ -19,7 +19,7 @@ from ftikd.cli import main
 from ftikd.data import load_dataset
 from ftikd.distributed import DistContext, dist_context, shard_indices
 from ftikd.errors import BudgetExceededError, FtikdError
-from ftikd.experiments.run import teacher_view_images
+from ftikd.experiments.teacher_outputs import teacher_view_images
 from ftikd.teacher import Teacher, TeacherStore
 
 C = 4

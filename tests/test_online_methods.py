@@ -261,7 +261,7 @@ def test_extra_modules_are_restored_at_a_phase_end(monkeypatch, digits, name):
 
     torch.manual_seed(1)
     student = build_model("resnet8", in_channels=1, num_classes=10)
-    cfg = TrainConfig(batch_size=16, patience=2, phases=2, max_epochs=10)
+    cfg = TrainConfig(batch_size=16, patience=2, phases=2, max_epochs=10, eval_train=False)  # script = val
     result = trainer.fit(student, method, digits_data(digits), cfg, seed=1, on_epoch=snapshot)
     assert [r.get("phase_end", False) for r in result.history] == [False, False, True, False, True]
     weights = [k for k in snapshots[1] if not k.startswith("clock") and snapshots[1][k].is_floating_point()]

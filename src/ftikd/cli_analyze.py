@@ -23,7 +23,7 @@ from torch import nn
 from ftikd.errors import FtikdError
 
 STUDENT_SUFFIX = ".student.safetensors"
-_HISTORY_KEYS = {"epoch", "phase", "lr", "val_acc", "improved", "time_s", "phase_end"}
+_HISTORY_KEYS = {"epoch", "phase", "lr", "val_acc", "train_acc", "improved", "time_s", "phase_end"}
 
 
 @dataclass
@@ -309,7 +309,8 @@ def cmd_tsne(args: argparse.Namespace) -> list[Path]:
 
 
 def _plot_histories(subjects: list[Subject], path: Path) -> Path:
-    """Two panels: validation accuracy (dashed: best so far) and training loss, per pseudo-epoch."""
+    """Two panels: validation accuracy (dashed: best so far; dotted: training accuracy, when the
+    record has it) and training loss, per pseudo-epoch."""
     from ftikd.analysis.curves import best_so_far
     from ftikd.analysis.embedding import panel_axes
     from ftikd.analysis.plot import save_figure
@@ -320,8 +321,10 @@ def _plot_histories(subjects: list[Subject], path: Path) -> Path:
         epochs = [h["epoch"] for h in history]
         (line,) = ax_val.plot(epochs, [h["val_acc"] for h in history], label=s.label)
         ax_val.plot(epochs, best_so_far(s.record)[1], linestyle="--", color=line.get_color())
+        if "train_acc" in history[0]:
+            ax_val.plot(epochs, [h["train_acc"] for h in history], linestyle=":", color=line.get_color())
         ax_loss.plot(epochs, _train_loss(history), color=line.get_color(), label=s.label)
-    ax_val.set_ylabel("validation top-1 (%)")
+    ax_val.set_ylabel("validation (train: dotted) top-1 (%)")
     ax_loss.set_ylabel("training loss (sum of weighted terms)")
     for ax in (ax_val, ax_loss):
         ax.set_xlabel("pseudo-epoch")
@@ -361,7 +364,8 @@ def cmd_curves(args: argparse.Namespace) -> list[Path]:
     notes = (
         f"{len(subjects)} {dataset.name} runs. Validation top-1 after each pseudo-epoch on the run's n//4 "
         "validation split (dashed: best so far, the early-stopping signal); the training curve is the "
-        "epoch-mean objective the engine minimised (run records keep no training accuracy)."
+        "epoch-mean objective the engine minimised; dotted: top-1 on as many training images as the "
+        "validation split holds, unaugmented, in eval mode (records from before this have none)."
     )
     return _write(args, notes, [("", rows)], lambda path: _plot_histories(subjects, path))
 

@@ -24,6 +24,7 @@ _GRID_FLAGS = {
     "targets": ("targets", False),
     "out": ("out", False),
     "db": ("db", False),
+    "track": ("track", False),
     "max_epochs": ("max_epochs", True),
     "patience": ("patience", True),
     "phases": ("phases", True),
@@ -102,6 +103,7 @@ def add_sweep_commands(sub: Any) -> None:
     g.add_argument("--targets", nargs="+", type=float, help="accuracies for the calls-to-target table")
     g.add_argument("--out", help="sweep folder: teachers, stores, run checkpoints")
     g.add_argument("--db", help="results database (default <out>/results.sqlite)")
+    g.add_argument("--track", help="log every run live to tensorboard and/or mlflow (comma-separated)")
     g.add_argument("--max-epochs", type=int)
     g.add_argument("--patience", type=int)
     g.add_argument("--phases", type=int)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from ftikd.errors import FtikdError
 from ftikd.fileio import atomic_write_bytes
 from ftikd.methods.base import Batch, Method, MethodContext
 from ftikd.methods.samplers import IndexSampler
+
+if TYPE_CHECKING:
+    from ftikd.teacher.oracle import PaidTeacher
 
 
 @dataclass
@@ -50,6 +53,9 @@ class TrainConfig:
     precision: str = "auto"
     memory_format: str = "auto"
     compile: bool = False
+    # history ``train_acc``: eval-mode top-1 after each pseudo-epoch on the first n//4 training images
+    # (as many as the validation split, so it costs what validation costs; off: False)
+    eval_train: bool = True
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -229,7 +235,12 @@ class TrainingParts:
 
 
 def build_training(
-    student: nn.Module, method: Method, data: TrainData, cfg: TrainConfig, seed: int
+    student: nn.Module,
+    method: Method,
+    data: TrainData,
+    cfg: TrainConfig,
+    seed: int,
+    paid_teacher: PaidTeacher | None = None,
 ) -> TrainingParts:
     """Move the student to the device, let the method build its modules, make optimizer and sampler.
 
@@ -237,6 +248,7 @@ def build_training(
     augmentation draw from their own generators seeded from ``seed`` (the same on every rank).
     ``parts.model`` is what steps forward through: the student, compiled if asked, inside DDP when
     running under ``torchrun``; checkpoints and evaluation use the plain ``student``.
+    ``paid_teacher`` (methods that query the teacher during training) reaches the method's context.
     """
     check_ranges(cfg)
     device = torch.device(cfg.device)
@@ -257,6 +269,9 @@ def build_training(
             teacher_feature_shapes={k: tuple(v.shape[1:]) for k, v in data.teacher_features.items()},
             input_shape=tuple(data.train_images.shape[1:]),
             train_labels=data.train_labels,
+            paid_teacher=paid_teacher,
+            mean=data.mean,
+            std=data.std,
         )
     )
     extra = method.modules().to(device).train()
@@ -361,6 +376,7 @@ def fit(
     on_epoch: EpochCallback | None = None,
     checkpoint: Path | None = None,
     resume: bool = False,
+    paid_teacher: PaidTeacher | None = None,
 ) -> FitResult:
     """Train ``student`` with ``method`` under the FTI-KD schedule; leaves the best weights loaded.
 
@@ -370,7 +386,7 @@ def fit(
     same numbers as an uninterrupted run. Under ``torchrun`` each rank trains on its slice of every
     global batch inside DDP (see :mod:`ftikd.engine.parallel`); only rank 0 writes the checkpoint.
     """
-    parts = build_training(student, method, data, cfg, seed)
+    parts = build_training(student, method, data, cfg, seed, paid_teacher)
     extra, optimizer, sampler = parts.extra, parts.optimizer, parts.sampler
     generator, aug_generator = parts.generator, parts.aug_generator
     epoch_steps = steps_per_epoch(data.num_train, cfg.batch_size)
@@ -401,6 +417,17 @@ def fit(
         val_acc, _ = evaluate(
             student, data.val_images, data.val_labels, data.mean, data.std, cfg.eval_batch_size
         )
+        train_metrics = {}
+        if cfg.eval_train:  # the training curve, on a validation-sized part of the training subset
+            seen = max(1, data.val_images.shape[0])
+            train_metrics["train_acc"] = evaluate(
+                student,
+                data.train_images[:seen],
+                data.train_labels[:seen],
+                data.mean,
+                data.std,
+                cfg.eval_batch_size,
+            )[0]
         improved = val_acc > loop.best_val
         if improved:
             loop.best_val, loop.best_epoch, loop.last_improve = val_acc, loop.epoch, loop.epoch
@@ -410,6 +437,7 @@ def fit(
             "phase": loop.phase,
             "lr": lr,
             "val_acc": val_acc,
+            **train_metrics,
             "improved": improved,
             "time_s": round(time.perf_counter() - started, 3),
             **{name: float(total) / epoch_steps for name, total in sums.items()},

@@ -47,7 +47,7 @@ from ftikd.engine.trainer import (
     train_step,
 )
 from ftikd.errors import FtikdError
-from ftikd.methods import available_methods, build_method
+from ftikd.methods import available_methods, build_method, method_class
 from ftikd.models import build_model
 from ftikd.teacher import Teacher, TeacherStore
 
@@ -420,7 +420,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     check_ranges(cfg)
     check_device(cfg.device)
     if cfg.methods == ["all"]:
-        cfg = replace(cfg, methods=available_methods())
+        # methods that pay teacher calls during training (bss) need a store and teacher: not timed here
+        cfg = replace(cfg, methods=[m for m in available_methods() if not method_class(m).queries_teacher])
     resolve_step_settings(bench_train_config(cfg), ONE_PROCESS)  # refuse bad settings before measuring
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -23,7 +23,12 @@ from ftikd.checks import MAX_SEED, bounded, check_device, check_ranges
 from ftikd.data import load_dataset
 from ftikd.distributed import DistContext, barrier, init_distributed, shard_indices, shutdown
 from ftikd.errors import FtikdError
-from ftikd.experiments.run import check_store_writable, load_teacher, store_path, teacher_view_images
+from ftikd.experiments.teacher_outputs import (
+    check_store_writable,
+    load_teacher,
+    store_path,
+    teacher_view_images,
+)
 from ftikd.teacher import TeacherStore
 
 

@@ -12,7 +12,6 @@ teachers, stores and checkpoints, must be: a shared file system).
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 
 from ftikd.errors import FtikdError
 from ftikd.experiments.db import DEFAULT_STALE_S, ResultsDB, worker_id
+from ftikd.experiments.sweep_progress import SweepProgress
 
 
 @dataclass
@@ -105,44 +105,6 @@ def worker_loop(db_path: str | Path, sweep: str, opts: ExecOptions, threads: int
     return finished
 
 
-class Progress:
-    """One status line for the sweep: done / running / failed / left, and an ETA from this session's pace."""
-
-    def __init__(self, db_path: Path, sweep: str, enabled: bool) -> None:
-        self.db_path, self.sweep, self.enabled = db_path, sweep, enabled
-        self.started = time.monotonic()
-        self.done_at_start: int | None = None
-        self.last = ""
-
-    def line(self, counts: dict[str, int]) -> str:
-        """``done 4/12 | running 2 | failed 0 | left 6 | ETA 3m10s``."""
-        total = sum(counts.values())
-        finished = counts["done"] + counts["failed"]
-        if self.done_at_start is None:
-            self.done_at_start = finished
-        new = finished - self.done_at_start
-        left = counts["pending"] + counts["running"]
-        eta = "?"
-        if new > 0 and left:
-            secs = (time.monotonic() - self.started) / new * left
-            eta = f"{int(secs // 60)}m{int(secs % 60):02d}s"
-        elif not left:
-            eta = "0s"
-        return (
-            f"sweep {self.sweep}: done {counts['done']}/{total} | running {counts['running']} | "
-            f"failed {counts['failed']} | left {counts['pending']} | ETA {eta}"
-        )
-
-    def update(self) -> None:
-        if not self.enabled:
-            return
-        with ResultsDB(self.db_path) as db:
-            text = self.line(db.counts(self.sweep))
-        if text != self.last:
-            print(text, file=sys.stderr, flush=True)
-            self.last = text
-
-
 def worker_threads(workers: int) -> int:
     """Torch threads per worker: ``max(1, cores // workers)``, capped by ``OMP_NUM_THREADS`` when set.
 
@@ -159,7 +121,7 @@ def run_local(db_path: Path, sweep: str, opts: ExecOptions) -> None:
     import multiprocessing
 
     threads = worker_threads(opts.workers)
-    bar = Progress(db_path, sweep, opts.progress)
+    bar = SweepProgress(db_path, sweep, opts.progress, workers=opts.workers)
     bar.update()
     if opts.workers == 1:
         progress_thread = _Ticker(bar)
@@ -167,7 +129,7 @@ def run_local(db_path: Path, sweep: str, opts: ExecOptions) -> None:
             worker_loop(db_path, sweep, opts, threads)
         finally:
             progress_thread.close()
-        bar.update()
+        bar.close()
         return
     ctx = multiprocessing.get_context("spawn")
     procs = [
@@ -186,18 +148,18 @@ def run_local(db_path: Path, sweep: str, opts: ExecOptions) -> None:
             if p.is_alive():
                 p.terminate()
             p.join()
-    bar.update()
+    bar.close()
 
 
 class _Ticker:
     """Calls ``bar.update()`` every few seconds from a daemon thread while the in-process worker runs."""
 
-    def __init__(self, bar: Progress, period: float = 5.0) -> None:
+    def __init__(self, bar: SweepProgress, period: float = 5.0) -> None:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._tick, args=(bar, period), daemon=True)
         self.thread.start()
 
-    def _tick(self, bar: Progress, period: float) -> None:
+    def _tick(self, bar: SweepProgress, period: float) -> None:
         while not self.stop.wait(period):
             bar.update()
 
@@ -227,7 +189,7 @@ def run_ray(db_path: Path, sweep: str, opts: ExecOptions, address: str | None) -
     task = ray.remote(num_cpus=opts.cpus_per_run)(_ray_task)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // opts.cpus_per_run))
     claimer = worker_id()
-    bar = Progress(db_path, sweep, opts.progress)
+    bar = SweepProgress(db_path, sweep, opts.progress, workers=slots)
     in_flight: dict[Any, str] = {}
     last_beat = time.monotonic()
     with ResultsDB(db_path) as db:
@@ -250,7 +212,7 @@ def run_ray(db_path: Path, sweep: str, opts: ExecOptions, address: str | None) -
                     db.heartbeat(key, claimer)
                 last_beat = time.monotonic()
             bar.update()
-    bar.update()
+    bar.close()
 
 
 def run_jobs(db_path: Path, sweep: str, executor: str, opts: ExecOptions, address: str | None = None) -> None:

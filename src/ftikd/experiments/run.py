@@ -18,19 +18,28 @@ from typing import Any
 
 import torch
 
-from ftikd.checks import MAX_SEED, bounded, check_device, check_output_dir, check_output_file, check_ranges
-from ftikd.data import ImageDataset, fti_split, load_dataset, normalize, view_crop_flip
+from ftikd.checks import MAX_SEED, bounded, check_device, check_output_dir, check_ranges
+from ftikd.data import ImageDataset, fti_split, load_dataset
 from ftikd.data.scenarios import imbalanced_indices, uniform_label_noise
 from ftikd.data.split import FTISplit
-from ftikd.distributed import DistContext, barrier, init_distributed
+from ftikd.distributed import init_distributed
 from ftikd.engine.parallel import rank_device
 from ftikd.engine.record import library_versions, write_json
 from ftikd.engine.trainer import TrainConfig, TrainData, evaluate, fit, resolve_step_settings
 from ftikd.errors import FtikdError
 from ftikd.experiments.config_check import check_run_config
-from ftikd.methods import Method, build_method
+from ftikd.experiments.teacher_outputs import (
+    cached_subset,
+    check_store_writable,
+    load_teacher,
+    open_paid_teacher,
+    teacher_outputs_rank0_first,
+    training_calls,
+)
+from ftikd.experiments.tracking import check_trackers, compose, open_trackers, parse_track
+from ftikd.methods import build_method
 from ftikd.models import build_model
-from ftikd.teacher import Teacher, TeacherStore, read_checkpoint_meta, save_checkpoint
+from ftikd.teacher import Teacher, save_checkpoint
 
 
 @dataclass
@@ -51,6 +60,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # KD-survey scenarios (METHODS.md §3.3): {"label_noise": sigma} and/or {"imbalance": gamma}
     scenario: dict[str, float] = field(default_factory=dict)
+    # live tracking: "", "tensorboard", "mlflow" or both comma-separated (ftikd.experiments.tracking)
+    track: str = ""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
@@ -103,148 +114,6 @@ class RunResult:
         return float(self.record["metrics"]["test_top1"])
 
 
-def default_store_path(out: str, dataset: str, fingerprint: str, feature_names: tuple[str, ...] = ()) -> Path:
-    """Stores live next to the run records and are shared by every run with this teacher and dataset.
-
-    A store keeps the teacher features it was created with, so runs that need other features get a
-    store of their own (:func:`with_feature_names`); logit-only methods all share one.
-    """
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset)
-    return with_feature_names(Path(out).parent / "stores" / f"{slug}-{fingerprint}.sqlite", feature_names)
-
-
-def with_feature_names(path: Path, feature_names: tuple[str, ...]) -> Path:
-    """``path`` with the sorted feature names before its suffix (unchanged for logits only)."""
-    if not feature_names:
-        return path
-    return path.with_name(f"{path.stem}+{'+'.join(sorted(feature_names))}{path.suffix}")
-
-
-def teacher_view_images(dataset: ImageDataset, view: int, device: torch.device):
-    """Function mapping dataset indices to the teacher's one fixed augmented view, normalised.
-
-    The crop offsets and flip of sample i depend only on (i, view), so the cached output of a sample
-    is the same whichever run, batch or order asked for it first.
-    """
-
-    def images_for(indices: torch.Tensor) -> torch.Tensor:
-        x = view_crop_flip(dataset.train_images[indices], indices, view, dataset.crop_padding, dataset.hflip)
-        return normalize(x.to(device), dataset.mean, dataset.std)
-
-    return images_for
-
-
-def check_teacher_fits(path: str, dataset_name: str, dataset: ImageDataset) -> None:
-    """A checkpoint teacher must take the dataset's channels and predict its number of classes."""
-    meta = read_checkpoint_meta(path)
-    if (meta["in_channels"], meta["num_classes"]) != (dataset.channels, dataset.num_classes):
-        raise FtikdError(
-            f"teacher {path} was trained on {meta.get('dataset')} ({meta['in_channels']} channels, "
-            f"{meta['num_classes']} classes) but {dataset_name} has {dataset.channels} channels and "
-            f"{dataset.num_classes} classes; pass a teacher trained on {dataset_name}"
-        )
-
-
-def load_teacher(
-    path: str | None,
-    needed_by: str,
-    dataset_name: str,
-    dataset: ImageDataset,
-    device: str,
-    feature_names: tuple[str, ...] = (),
-) -> Teacher:
-    """The checkpoint teacher at ``path``, refused (user error) if missing or not fitting the dataset."""
-    if not path:
-        raise FtikdError(f"{needed_by} needs a teacher; pass --teacher PATH (see ftikd train-teacher)")
-    check_teacher_fits(path, dataset_name, dataset)
-    return Teacher.from_checkpoint(path, feature_names=feature_names, device=device)
-
-
-def store_path(
-    store: str | None, out: str, dataset: str, fingerprint: str, feature_names: tuple[str, ...] = ()
-) -> Path:
-    """The store a run or cache job uses: ``store`` if given, else :func:`default_store_path`."""
-    return Path(store) if store else default_store_path(out, dataset, fingerprint, feature_names)
-
-
-def check_store_writable(store: str | None, out: str) -> None:
-    """Refuse a store path (given, or the default folder beside ``out``) that cannot be written."""
-    if store:
-        check_output_file(store, "--store")
-    else:
-        check_output_dir(default_store_path(out, "-", "-").parent, "--out")
-
-
-def cached_teacher_outputs(
-    cfg: RunConfig, dataset: ImageDataset, train_idx: torch.Tensor, method: Method, teacher: Teacher | None
-) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, Any]]:
-    """Fill the store for this run's n samples (paying only what is missing) and read them back."""
-    if not method.needs_teacher:
-        return None, {}, {"budget": cfg.calls, "outputs_used": 0, "paid_this_run": 0}
-    if teacher is None:
-        teacher = load_teacher(
-            cfg.teacher,
-            f"method {cfg.method!r}",
-            cfg.dataset,
-            dataset,
-            cfg.train.device,
-            method.teacher_features,
-        )
-    path = store_path(cfg.store, cfg.out, cfg.dataset, teacher.fingerprint, tuple(method.teacher_features))
-    device = torch.device(cfg.train.device)
-    with TeacherStore.open(
-        path,
-        teacher.fingerprint,
-        cfg.dataset,
-        dataset.num_classes,
-        feature_names=method.teacher_features,
-    ) as store:
-        paid = store.fill(
-            train_idx,
-            cfg.view,
-            teacher_view_images(dataset, cfg.view, device),
-            teacher,
-            budget=cfg.calls,
-        )
-        logits = store.logits(train_idx, cfg.view, device=device)
-        feats = {
-            name: store.features(train_idx, cfg.view, name).to(device) for name in method.teacher_features
-        }
-        total_paid = store.paid_calls()
-    calls = {
-        "budget": cfg.calls,
-        "outputs_used": int(train_idx.numel()) * method.call_cost,
-        "paid_this_run": paid,
-        "store": str(path),
-        "store_paid_total": total_paid,
-        "teacher_fingerprint": teacher.fingerprint,
-        "teacher_name": teacher.name,
-    }
-    return logits, feats, calls
-
-
-def teacher_outputs_rank0_first(
-    cfg: RunConfig,
-    dataset: ImageDataset,
-    train_idx: torch.Tensor,
-    method: Method,
-    teacher: Teacher | None,
-    ctx: DistContext,
-) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, Any]]:
-    """:func:`cached_teacher_outputs` on rank 0 first; the other ranks then find everything stored.
-
-    One process pays, so data-parallel training never races to pay for the same sample; the other
-    ranks' ``fill`` pays nothing and only reads.
-    """
-    if not ctx.is_main:
-        barrier()
-    try:
-        return cached_teacher_outputs(cfg, dataset, train_idx, method, teacher)
-    finally:
-        if ctx.is_main:
-            barrier()
-
-
 def check_run_inputs(cfg: RunConfig) -> None:
     """Refuse out-of-range numbers, a missing device and unwritable outputs before any work."""
     check_ranges(cfg)
@@ -272,6 +141,8 @@ def run_distillation(
     wait, then all train data-parallel on slices of each global batch; only rank 0 writes files.
     """
     check_run_inputs(cfg)
+    track = parse_track(cfg.track)  # an unknown tracker or a missing extra costs no teacher call
+    check_trackers(track)
     paths = RunPaths.of(cfg)
     if resume and paths.record.exists():
         return RunResult(json.loads(paths.record.read_text()), paths.record)
@@ -289,15 +160,30 @@ def run_distillation(
             "single-process objective",
             stacklevel=2,
         )
+    if method.queries_teacher and ctx.world_size > 1:
+        raise FtikdError(
+            f"method {cfg.method!r} queries the teacher during training; run it without torchrun"
+        )
     dataset = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
     split, train_labels, scenario = scenario_split(cfg, dataset)
+    split, train_labels = cached_subset(method, cfg.calls, split, train_labels)
     device = torch.device(train_cfg.device)
     # Re-seed right before building the student so every method starts from the same weights (A12);
     # built before any teacher call so that a bad student name costs nothing.
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, in_channels=dataset.channels, num_classes=dataset.num_classes)
     student = student.to(device)
+    if method.queries_teacher and teacher is None:  # one teacher for the cached outputs and the queries
+        teacher = load_teacher(
+            cfg.teacher,
+            f"method {cfg.method!r}",
+            cfg.dataset,
+            dataset,
+            train_cfg.device,
+            method.teacher_features,
+        )
     logits, feats, calls = teacher_outputs_rank0_first(cfg, dataset, split.train_idx, method, teacher, ctx)
+    paid_teacher = open_paid_teacher(cfg, method, dataset, teacher, calls)
     data = TrainData(
         train_images=dataset.train_images[split.train_idx].to(device),
         train_labels=train_labels.to(device),
@@ -314,6 +200,7 @@ def run_distillation(
     if write:
         write_json(paths.pending, {"config": dataclasses.asdict(cfg)})
     bar = _RunProgress(cfg) if progress else None
+    trackers = open_trackers(track if write else (), cfg.out, cfg.run_name(), dataclasses.asdict(cfg))
     try:
         result = fit(
             student,
@@ -321,13 +208,19 @@ def run_distillation(
             data,
             train_cfg,
             cfg.seed,
-            on_epoch=bar.update_record if bar else None,
+            on_epoch=compose(bar.update_record if bar else None, trackers.log_epoch if trackers else None),
             checkpoint=paths.state if write else None,
             resume=resume,
+            paid_teacher=paid_teacher,
         )
+    except BaseException:
+        trackers.close()  # an MLflow run ends as FAILED
+        raise
     finally:
         if bar is not None:
             bar.close()
+        if paid_teacher is not None:
+            paid_teacher.close()
     top1, top5 = evaluate(
         student,
         dataset.test_images,
@@ -360,13 +253,15 @@ def run_distillation(
             "steps": result.steps,
         },
         **({"method_metrics": method_metrics} if method_metrics else {}),
-        "teacher_calls": calls,
+        "teacher_calls": training_calls(calls, paid_teacher),
         "history": result.history,
         "processes": ctx.world_size,
         "wall_time_s": round(time.perf_counter() - started, 3),
         "train_time_s": round(result.wall_time_s, 3),
         "versions": library_versions(),
     }
+    trackers.log_final(record["metrics"])
+    trackers.close()
     if write:
         meta = {"arch": cfg.student, "in_channels": dataset.channels, "num_classes": dataset.num_classes}
         meta |= {"dataset": cfg.dataset, "test_acc": round(top1, 3), "run": cfg.run_name()}

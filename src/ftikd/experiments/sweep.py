@@ -25,12 +25,13 @@ from ftikd.engine.trainer import TrainConfig
 from ftikd.errors import FtikdError
 from ftikd.experiments.config_check import check_run_config
 from ftikd.experiments.db import JobRow, ResultsDB
-from ftikd.experiments.options import parse_options
-from ftikd.experiments.run import with_feature_names
+from ftikd.experiments.teacher_outputs import with_feature_names
+from ftikd.experiments.tracking import check_trackers, parse_track
+from ftikd.options import parse_options
 from ftikd.teacher.train import TeacherTrainConfig
 
 # Train settings that change where or how fast a run goes, not its result: kept out of run keys.
-_NOT_IDENTITY = {"device", "eval_batch_size", "compile", "memory_format", "lr"}
+_NOT_IDENTITY = {"device", "eval_batch_size", "compile", "memory_format", "lr", "eval_train"}
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class SweepConfig:
     targets: list[float] = field(default_factory=list)
     scenario: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    track: str = ""  # every run's live tracking (RunConfig.track); not part of the run keys
 
     @property
     def out_dir(self) -> Path:
@@ -316,6 +318,7 @@ def _job(
         "store": str(with_feature_names(Path(teacher["store"]), spec.teacher_features())),
         "out": str(cfg.out_dir / "runs" / key),
         "train": train,
+        "track": cfg.track,
         **scenario,
     }
     config = {"run": run, "teacher_recipe": teacher["recipe"], "identity": identity}
@@ -341,6 +344,7 @@ def prepare(cfg: SweepConfig, source: str = "sweep") -> list[JobRow]:
     from ftikd.models import available_models
 
     check_methods(cfg, source)
+    check_trackers(parse_track(cfg.track))
     if cfg.scenario and "scenario" not in {f.name for f in dataclasses.fields(RunConfig)}:
         raise FtikdError(f"{source}: this ftikd's runs do not apply scenarios yet; remove the scenario key")
     if set(cfg.scenario) - {"label_noise", "imbalance"}:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from torch import nn
 from ftikd.errors import FtikdError
 from ftikd.methods.samplers import IndexSampler, ShuffledSampler
 from ftikd.models.base import ModelOutput
+
+if TYPE_CHECKING:
+    from ftikd.teacher.oracle import PaidTeacher
 
 
 @dataclass
@@ -54,6 +57,9 @@ class MethodContext:
     teacher_feature_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     input_shape: tuple[int, ...] | None = None
     train_labels: torch.Tensor | None = None  # labels of the training subset (n,), for class-aware samplers
+    paid_teacher: PaidTeacher | None = None  # teacher calls on new inputs; set only when queries_teacher
+    mean: tuple[float, ...] | None = None  # the dataset's per-channel normalisation of batch images
+    std: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -70,6 +76,8 @@ class Method:
       ``teacher_features``: names of teacher features the method reads from the store;
       ``couples_batch_rows``: True when the loss compares rows of a batch with each other, so that
       data-parallel ranks (each holding a slice of the batch) optimise a different objective;
+      ``queries_teacher``: True when the method calls the teacher on new inputs during training
+      (through ``MethodContext.paid_teacher``), spending what :meth:`train_samples` leaves of n;
       ``Config``: the options dataclass.
     """
 
@@ -79,11 +87,17 @@ class Method:
     call_cost: ClassVar[int] = 1
     teacher_features: ClassVar[tuple[str, ...]] = ()
     couples_batch_rows: ClassVar[bool] = False
+    queries_teacher: ClassVar[bool] = False
     Config: ClassVar[type[MethodConfig]] = MethodConfig
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
         self.extra = nn.ModuleDict()
+
+    def train_samples(self, calls: int) -> int:
+        """How many of the budget's ``calls`` go to cached training samples; a method that queries the
+        teacher during training spends the rest through ``MethodContext.paid_teacher`` (default: all)."""
+        return calls
 
     def setup(self, ctx: MethodContext) -> None:
         """Build extra trainable modules into ``self.extra`` (default: none)."""

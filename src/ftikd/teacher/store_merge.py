@@ -37,7 +37,7 @@ class StoreMerging:
         recorded even past ``max_calls``, because they were already paid; check the plan beforehand with
         :meth:`check_cap`. The shard's files are left in place (see :meth:`remove_files`).
         """
-        src = Path(shard.path if isinstance(shard, TeacherStore) else shard)
+        src = Path(shard.path if isinstance(shard, StoreMerging) else shard)
         if not src.is_file():
             raise FtikdError(f"shard store {src} does not exist; check the path")
         if src.resolve() == self.path.resolve():
