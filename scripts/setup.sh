@@ -24,5 +24,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "setup: installing torch==${FTIKD_TORCH:-2.13.0} (CPU build)"
     .venv/bin/pip install -q "torch==${FTIKD_TORCH:-2.13.0}"
 fi
-.venv/bin/pip install -q -e '.[test,ray]'
+.venv/bin/pip install -q -e '.[test,ray,vrm,tensorboard]'
 echo "setup: ready ($(.venv/bin/python -c 'import torch, ftikd; print("ftikd", ftikd.__version__, "torch", torch.__version__)'))"

@@ -2,8 +2,9 @@
 
 One module per family: ``logit`` (KD, CKD), ``relational`` (RKD, RKD_d, DIST, SP, PKT, CC),
 ``contrastive`` (CRD), ``mixing`` (Mixup, CutMix with a fixed teacher), ``regression`` (logit MSE),
-``feature`` (FitNets, VID, AT, FSP) and ``online`` (DML, ONE). Everything public is re-exported here, so
-``from ftikd.losses import ckd_group_loss`` works whatever file a loss lives in.
+``feature`` (FitNets, VID, AT, FSP), ``online`` (DML, ONE) and ``vrm`` (VRM's edge sets).
+Everything public is re-exported here, so ``from ftikd.losses import ckd_group_loss`` works
+whatever file a loss lives in.
 """
 
 from ftikd.losses.contrastive import (
@@ -64,6 +65,16 @@ from ftikd.losses.relational import (
     rkd_distance_loss,
     sp_loss,
 )
+from ftikd.losses.vrm import (
+    edge_mse,
+    icv_edges,
+    isv_edges,
+    joint_entropy_keep,
+    two_view_cross_entropy,
+    unit_differences,
+    vrm_relation_losses,
+    zscore_logits,
+)
 
 __all__ = [
     "CKD_REDUCTIONS",
@@ -110,4 +121,12 @@ __all__ = [
     "soft_cross_entropy",
     "sp_loss",
     "vid_loss",
+    "edge_mse",
+    "icv_edges",
+    "isv_edges",
+    "joint_entropy_keep",
+    "two_view_cross_entropy",
+    "unit_differences",
+    "vrm_relation_losses",
+    "zscore_logits",
 ]

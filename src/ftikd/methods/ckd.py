@@ -100,16 +100,13 @@ class CKD(Method):
         groups = build_groups(num_train, self.config.k, self.config.max_groups, generator)
         return FixedSetSampler(groups, batch_size, generator)
 
-    def loss(self, student: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    def draw_lambda(self) -> float | None:
+        """The interpolation weight, drawn once per batch as in the authors' code (A5); else None."""
+        return float(torch.rand(())) if self.config.comparison == "interpolation" else None
+
+    def group_terms(self, logits: torch.Tensor, batch: Batch, lam: float | None) -> dict[str, torch.Tensor]:
+        """CKD's weighted logit terms for student logits (G, k, C) of the batch's groups."""
         cfg = self.config
-        a, _ = group_split_sizes(cfg.k)
-        halves = [
-            forward_student(student, batch.images[:, :a]),
-            forward_student(student, batch.images[:, a:]),
-        ]
-        logits = torch.cat([h.logits for h in halves], dim=1)
-        # the interpolation weight is drawn once per batch, as in the authors' code (A5)
-        lam = float(torch.rand(())) if cfg.comparison == "interpolation" else None
         terms = ckd_group_loss(
             logits,
             batch.teacher_logits,
@@ -122,3 +119,26 @@ class CKD(Method):
             cfg.ref_classes,
         )
         return ckd_weighted_terms(terms, cfg, logits, batch.teacher_logits)
+
+    def loss(self, student: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        logits, _ = group_forward(student, batch.images, ())
+        return self.group_terms(logits, batch, self.draw_lambda())
+
+
+def group_forward(
+    student: nn.Module, images: torch.Tensor, names: tuple[str, ...] = ()
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CKD's two student forwards (A halves, then B halves, M2.5) on images shaped (G, k, ...).
+
+    Returns the logits (G, k, C) and the features ``names`` regrouped as (G, k, ...), members in
+    the order of ``images``, so :func:`compare_groups` applies to both (white-box CKD, M2.6).
+    """
+    g, k = images.shape[:2]
+    a, _ = group_split_sizes(k)
+    halves = [forward_student(student, part, bool(names)) for part in (images[:, :a], images[:, a:])]
+    logits = torch.cat([h.logits for h in halves], dim=1)
+    feats = {
+        n: torch.cat([h.features[n].reshape(g, -1, *h.features[n].shape[1:]) for h in halves], dim=1)
+        for n in names
+    }
+    return logits, feats

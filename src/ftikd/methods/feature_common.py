@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftikd.errors import FtikdError
+from ftikd.losses.feature import match_spatial, vid_loss
 from ftikd.losses.logit import kd_loss
 from ftikd.methods.base import Batch, MethodContext, forward_student
 from ftikd.models.base import ModelOutput
@@ -200,6 +201,35 @@ class VIDHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The predicted mean mu(x) of the teacher map."""
         return self.regressor(x)
+
+
+def vid_heads(
+    s_shapes: dict[str, Shape],
+    t_shapes: dict[str, Shape],
+    mid_channels: int = 0,
+    init_var: float = 5.0,
+    eps: float = 1e-5,
+) -> nn.ModuleDict:
+    """One :class:`VIDHead` per layer of ``t_shapes`` (M10); ``mid_channels`` 0 means the teacher's C."""
+    return nn.ModuleDict(
+        {
+            name: VIDHead(s_shapes[name][0], shape[0], mid_channels or shape[0], init_var, eps)
+            for name, shape in t_shapes.items()
+        }
+    )
+
+
+def vid_layers_loss(
+    heads: nn.ModuleDict, s_maps: dict[str, torch.Tensor], t_maps: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Unweighted VID loss (M10) summed over the layers of ``heads``; the larger map of a layer is
+    average-pooled to the smaller one (the student's before its head). Used on per-sample maps (VID)
+    and on group differences (white-box CKD, M2.6)."""
+    total = torch.zeros((), device=next(iter(t_maps.values())).device)
+    for name, head in heads.items():
+        s, t = match_spatial(s_maps[name], t_maps[name])
+        total = total + vid_loss(head(s), t, head.variance())
+    return total
 
 
 class StepClock(nn.Module):

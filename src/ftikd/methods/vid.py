@@ -24,10 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ftikd.losses.feature import match_spatial, vid_loss
 from ftikd.methods.base import Batch, Method, MethodConfig, MethodContext, register_method
 from ftikd.methods.feature_common import (
-    VIDHead,
     check_nonnegative,
     check_positive,
     logit_terms,
@@ -35,6 +33,8 @@ from ftikd.methods.feature_common import (
     parse_names,
     student_maps,
     teacher_maps,
+    vid_heads,
+    vid_layers_loss,
 )
 
 
@@ -77,27 +77,11 @@ class VID(Method):
     def setup(self, ctx: MethodContext) -> None:
         cfg = self.config
         s_shapes, t_shapes = map_shapes(ctx, self.layers, self.layers)
-        self.extra["heads"] = nn.ModuleDict(
-            {
-                name: VIDHead(
-                    s_shapes[name][0],
-                    t_shapes[name][0],
-                    cfg.mid_channels or t_shapes[name][0],
-                    cfg.init_var,
-                    cfg.eps,
-                )
-                for name in self.layers
-            }
-        )
+        self.extra["heads"] = vid_heads(s_shapes, t_shapes, cfg.mid_channels, cfg.init_var, cfg.eps)
 
     def vid(self, s_maps: dict[str, torch.Tensor], t_maps: dict[str, torch.Tensor]) -> torch.Tensor:
         """Unweighted VID loss summed over the layers (M10)."""
-        total = torch.zeros((), device=next(iter(t_maps.values())).device)
-        for name in self.layers:
-            head = self.extra["heads"][name]
-            s, t = match_spatial(s_maps[name], t_maps[name])
-            total = total + vid_loss(head(s), t, head.variance())
-        return total
+        return vid_layers_loss(self.extra["heads"], s_maps, t_maps)
 
     def loss(self, student: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.config
