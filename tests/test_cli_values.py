@@ -184,6 +184,7 @@ def test_demo_refuses_bad_values(tmp_path, capsys):
         (["--teacher-epochs", "0"], "--teacher-epochs"),
         (["--lr", "-1"], "--lr"),
         (["--phases", "0"], "--phases"),
+        (["--workers", "-1"], "--workers"),
         (["--methods", "kd:lr=-1"], "--lr"),
         (["--device", "cuda:9" if not NO_CUDA else "cuda"], "cuda"),
     ]:

@@ -64,11 +64,14 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ftikd.engine.trainer import TrainConfig
     from ftikd.experiments.demo import DemoConfig, MethodSpec, run_demo
 
     cfg = DemoConfig()
+    if args.full:  # the full FTI-KD protocol: distill's defaults, runs kept apart from the demo's
+        cfg.train, cfg.runs_dir = TrainConfig(), "runs-full"
     cfg.train = dataclasses.replace(cfg.train, **_train_overrides(args))
-    for flag in ("data_dir", "out", "budgets", "seeds", "teacher_epochs", "teacher"):
+    for flag in ("data_dir", "out", "budgets", "seeds", "teacher_epochs", "teacher", "workers"):
         if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))
     if args.methods:
@@ -105,11 +108,11 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 def distill_config(args: argparse.Namespace):
     """The RunConfig of ``ftikd distill``: the --config file (if any) overridden by the flags."""
-    from ftikd.experiments.options import parse_options
     from ftikd.experiments.run import RunConfig
+    from ftikd.options import parse_options
 
     cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
-    flags = ("teacher", "dataset", "data_dir", "student", "method", "calls", "seed", "view", "store", "out")
+    flags = "teacher dataset data_dir student method calls seed view store out track".split()
     for flag in flags:
         if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))
@@ -228,14 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "demo", help="train a teacher, distill CE/KD/CKD at two budgets x 3 seeds, print the table"
-    )
+    p = sub.add_parser("demo", help="train a teacher, distill CE/KD/CKD at n=500 x 3 seeds, print the table")
     p.add_argument(
         "--data-dir", help="folder with the Fashion-MNIST IDX files (default: the Debian package's)"
     )
     p.add_argument("--out", help="results folder (default results/demo)")
-    p.add_argument("--budgets", type=int, nargs="+", help="teacher-call budgets n (default 500 1600)")
+    p.add_argument("--budgets", type=int, nargs="+", help="teacher-call budgets n (default 500)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 1 2 3)")
     p.add_argument("--teacher-epochs", type=int, help="teacher training epochs")
     p.add_argument("--teacher", help="use this teacher checkpoint instead of training/reusing the demo's")
@@ -245,8 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="methods to compare, e.g. ce kd ckd:k=3,lr=0.01 ckd-inbatch (default: see README)",
     )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the full FTI-KD protocol (3 phases, distill's defaults) instead of the demo's 1 phase; "
+        "runs go to OUT/runs-full",
+    )
+    p.add_argument(
+        "--workers", type=int, help="runs at once, each on its share of the cores (default: one per core)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_train_flags(p, "training schedule (demo defaults: patience 5, 3 phases, at most 40 pseudo-epochs)")
+    _add_train_flags(p, "training schedule (demo defaults: distill's, but 1 phase)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -295,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the run record (default results/runs)")
     p.add_argument(
         "--resume", action="store_true", help="continue this run from its last checkpoint if it was killed"
+    )
+    p.add_argument(
+        "--track",
+        metavar="TRACKERS",
+        help="log each pseudo-epoch live to tensorboard and/or mlflow (comma-separated; optional extras)",
     )
     p.add_argument("--no-progress", action="store_true")
     _add_train_flags(p, "training schedule (defaults: the FTI-KD protocol)")
