@@ -58,6 +58,10 @@ class TrainConfig:
     eval_train: bool = True
 
 
+# TrainConfig fields that change where or how fast a run goes, not what it computes: kept out of
+# the keys that identify a run's result (sweep job keys, paid-query views).
+NOT_RESULT_FIELDS = frozenset({"device", "eval_batch_size", "compile", "memory_format", "eval_train"})
+
 PRECISIONS = ("auto", "fp32", "bf16")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 

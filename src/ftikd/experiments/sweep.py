@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftikd.engine.trainer import TrainConfig
+from ftikd.engine.trainer import NOT_RESULT_FIELDS, TrainConfig
 from ftikd.errors import FtikdError
 from ftikd.experiments.config_check import check_run_config
 from ftikd.experiments.db import JobRow, ResultsDB
@@ -30,8 +30,9 @@ from ftikd.experiments.tracking import check_trackers, parse_track
 from ftikd.options import parse_options
 from ftikd.teacher.train import TeacherTrainConfig
 
-# Train settings that change where or how fast a run goes, not its result: kept out of run keys.
-_NOT_IDENTITY = {"device", "eval_batch_size", "compile", "memory_format", "lr", "eval_train"}
+# Train settings kept out of run keys: those that do not change the result, and the LR, which is
+# a key field of its own.
+_NOT_IDENTITY = NOT_RESULT_FIELDS | {"lr"}
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from ftikd.checks import check_output_dir, check_output_file
 from ftikd.data import ImageDataset, normalize, view_crop_flip
 from ftikd.data.split import FTISplit
 from ftikd.distributed import DistContext, barrier
+from ftikd.engine.trainer import NOT_RESULT_FIELDS
 from ftikd.errors import FtikdError
 from ftikd.methods import Method
 from ftikd.teacher import Teacher, TeacherStore, read_checkpoint_meta
@@ -187,7 +188,6 @@ def cached_subset(
 
 # Settings that change where or how a run is seen, not what it computes: kept out of its query keys.
 _NOT_RESULT = ("out", "store", "data_dir", "track")
-_NOT_RESULT_TRAIN = ("device", "eval_batch_size", "compile", "memory_format", "eval_train")
 
 
 def open_paid_teacher(
@@ -198,7 +198,7 @@ def open_paid_teacher(
     if not method.queries_teacher or teacher is None:
         return None
     run_key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_RESULT}
-    run_key["train"] = {k: v for k, v in run_key["train"].items() if k not in _NOT_RESULT_TRAIN}
+    run_key["train"] = {k: v for k, v in run_key["train"].items() if k not in NOT_RESULT_FIELDS}
     return PaidTeacher.open(
         calls["store"],
         teacher,

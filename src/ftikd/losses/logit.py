@@ -161,8 +161,20 @@ def logit_offset_loss(
     """
     c = student_logits.shape[-1]
     s_mean = student_logits.reshape(-1, c).float().mean(dim=0)
-    mse = F.mse_loss(s_mean, teacher_logits.reshape(-1, c).float().mean(dim=0))
-    return class_count_scale(c, reduction, ref_classes) * mse
+    t_mean = teacher_logits.reshape(-1, c).float().mean(dim=0)
+    return class_scaled_mse(s_mean, t_mean, reduction, ref_classes)
+
+
+def class_scaled_mse(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    reduction: CKDReduction = "ref",
+    ref_classes: int = REF_CLASSES,
+) -> torch.Tensor:
+    """Elementwise-mean squared error in float32, rescaled by :func:`class_count_scale` so that
+    ``ref`` takes the same per-logit step at any class count (the last dim is the classes)."""
+    mse = F.mse_loss(student.float(), teacher.float())
+    return class_count_scale(student.shape[-1], reduction, ref_classes) * mse
 
 
 def _pairwise_mse_mean(residual: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,8 @@ between samples, each student logit vector is matched to its own cached teacher 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ftikd.losses.logit import REF_CLASSES, CKDReduction, class_count_scale
+from ftikd.losses.logit import REF_CLASSES, CKDReduction, class_scaled_mse
 
 
 def logit_mse_loss(
@@ -26,5 +25,4 @@ def logit_mse_loss(
     alike (the same scaling as CKD's ``reduction``, :func:`ftikd.losses.logit.class_count_scale`).
     ``mean``: the plain elementwise mean over rows x classes (``nn.MSELoss()``, CKD's MSE form).
     """
-    scale = class_count_scale(student_logits.shape[-1], reduction, ref_classes)
-    return F.mse_loss(student_logits.float(), teacher_logits.float()) * scale
+    return class_scaled_mse(student_logits, teacher_logits, reduction, ref_classes)
