@@ -84,3 +84,23 @@ def test_torchdistill_side_by_side(tmp_path):
     versus = [row for row in result["rows"] if row["kind"] == "ftikd/torchdistill"]
     assert len(versus) == 2 and all(0 < row["ratio"] < 100 for row in versus)
     assert result["torchdistill"]["versions"]["torchdistill"]
+
+
+def test_rows_carry_step_memory_and_teacher_querying_methods_pay_through_a_store(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--methods", "ce", "crd", "bss", "vrm:mode=original", "--out", str(out)]
+    assert main(argv) == 0
+    rows = {row["kind"]: row for row in json.loads(out.read_text())["rows"]}
+    assert {"method:bss", "method:vrm:mode=original"} <= set(rows)
+    for kind in ("bare", "method:ce", "method:crd", "method:bss", "method:vrm:mode=original"):
+        assert rows[kind]["peak_step_mib"] > 0.1, rows[kind]  # at least the activations of 16 images
+    # CRD's step also holds its heads' activations and the memory-bank negatives
+    assert rows["method:crd"]["peak_step_mib"] > rows["method:ce"]["peak_step_mib"]
+    assert rows["caching"]["peak_step_mib"] is None
+
+
+def test_unknown_method_or_option_is_refused_before_measuring():
+    with pytest.raises(FtikdError, match="unknown method"):
+        run_bench(BenchConfig(students=["resnet8"], methods=["ce", "nope"]))
+    with pytest.raises(FtikdError, match="has no option"):
+        run_bench(BenchConfig(students=["resnet8"], methods=["ckd:kk=3"]))

@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         nargs="+",
-        help="methods to time, or 'all' for every registered one (default ce kd ckd ckd-inbatch)",
+        help="methods to time (name or name:key=value,...), or 'all' for every registered one and vrm's "
+        "original mode (default ce kd ckd ckd-inbatch)",
     )
     p.add_argument("--teacher", help="teacher for caching and torchdistill's KD (default resnet14)")
     p.add_argument("--device", help="cpu or cuda (default cpu)")

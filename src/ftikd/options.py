@@ -29,3 +29,9 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
             raise FtikdError(f"method option {pair!r} must look like key=value, e.g. k=3")
         options[key.strip()] = parse_value(value.strip())
     return options
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"ckd:k=3,form=kl"`` -> ``("ckd", {"k": 3, "form": "kl"})``; a bare name has no options."""
+    name, _, opts = spec.partition(":")
+    return name.strip(), parse_options([o for o in opts.split(",") if o.strip()])

@@ -19,17 +19,15 @@ over repetitions, all after warm-up.
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +44,13 @@ from ftikd.engine.trainer import (
     resolve_step_settings,
     train_step,
 )
-from ftikd.errors import FtikdError
-from ftikd.methods import available_methods, build_method, method_class
+from ftikd.experiments.bench_memory import step_peak_mib
+from ftikd.experiments.bench_torchdistill import TORCHDISTILL_MODES, TorchdistillWorker
+from ftikd.methods import Method, available_methods, build_method
 from ftikd.models import build_model
+from ftikd.options import parse_method_spec
 from ftikd.teacher import Teacher, TeacherStore
+from ftikd.teacher.oracle import PaidTeacher
 
 
 @dataclass
@@ -75,6 +76,9 @@ class BenchConfig:
     threads: int | None = bounded(None, ge=1, le=4096)
     torchdistill_python: str | None = None
 
+
+EXTRA_MODES = ("vrm:mode=original",)
+"""Method settings ``--methods all`` times beside every registered method's defaults."""
 
 ONE_PROCESS = DistContext(rank=0, world_size=1, local_rank=0)
 """The bench times one process; ``--batch-size`` is never split over ranks here."""
@@ -128,6 +132,7 @@ def rate_rows(
             "kind": kind,
             "images_per_s": statistics.median(rates[kind]),
             "ratio": median_ratio(rates, kind, base[kind]),
+            "peak_step_mib": None,
         }
         for kind in rates
     ]
@@ -154,10 +159,7 @@ def with_teacher_features(cfg: BenchConfig, data: TrainData, names: tuple[str, .
     """``data`` plus the bench teacher's features ``names`` on its images, as a store would hold them."""
     if not names or set(names) <= set(data.teacher_features):
         return data
-    device = data.train_images.device
-    torch.manual_seed(0)
-    teacher = build_model(cfg.teacher, in_channels=cfg.channels, num_classes=cfg.num_classes)
-    teacher.to(device).eval()
+    teacher = bench_teacher_module(cfg)
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, data.num_train, 256):
         images = normalize(data.train_images[start : start + 256], data.mean, data.std)
@@ -168,7 +170,12 @@ def with_teacher_features(cfg: BenchConfig, data: TrainData, names: tuple[str, .
 
 
 def bench_student(
-    cfg: BenchConfig, arch: str, data: TrainData, sync: Callable[[], None], worker: TorchdistillWorker | None
+    cfg: BenchConfig,
+    arch: str,
+    data: TrainData,
+    sync: Callable[[], None],
+    worker: TorchdistillWorker | None,
+    workdir: str,
 ) -> list[dict]:
     """Bare step, every method's ftikd step and (with a worker) torchdistill's KD for one student."""
     device = torch.device(cfg.device)
@@ -183,30 +190,43 @@ def bench_student(
     x = normalize(data.train_images[: cfg.batch_size], data.mean, data.std)
     y = data.train_labels[: cfg.batch_size]
 
-    def bare_steps() -> None:
-        for _ in range(cfg.steps):
-            with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
-                loss = F.cross_entropy(student(x).logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    def bare_step() -> None:
+        with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
+            loss = F.cross_entropy(student(x).logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
-    rounds = [timed("bare", bare_steps, sync)]
+    one_step = {"bare": bare_step}
     what = {"bare": "bare student step"}
     images = {"bare": cfg.batch_size}
-    for name in cfg.methods:
-        kind = f"method:{name}"
-        steps, images[kind] = ftikd_steps(cfg, arch, name, data)
-        rounds.append(timed(kind, steps, sync))
-        what[kind] = f"ftikd step: {name} ({images[kind]} images/step)"
+    for i, spec in enumerate(cfg.methods):
+        kind = f"method:{spec}"
+        one_step[kind], images[kind] = ftikd_step(cfg, arch, spec, data, Path(workdir, f"{arch}-{i}.sqlite"))
+        what[kind] = f"ftikd step: {spec} ({images[kind]} images/step)"
+    rounds = [timed(kind, repeated(step, cfg.steps), sync) for kind, step in one_step.items()]
     if worker:
         rounds.append(lambda: worker.round(arch))
         what |= worker.what
         images |= dict.fromkeys(worker.what, cfg.batch_size)
     times = interleaved_times(rounds, cfg.warmup, cfg.repeats)
+    peaks = {kind: step_peak_mib(step, device) for kind, step in one_step.items()}
     rates = {kind: [cfg.steps * images[kind] / t for t in ts] for kind, ts in times.items()}
     base = {kind: "torchdistill-bare" if kind.startswith("torchdistill") else "bare" for kind in rates}
-    return rate_rows(arch, rates, what, base) + versus_torchdistill(arch, rates)
+    rows = rate_rows(arch, rates, what, base)
+    for row in rows:
+        row["peak_step_mib"] = round(peaks[row["kind"]], 2) if row["kind"] in peaks else None
+    return rows + versus_torchdistill(arch, rates)
+
+
+def repeated(step: Callable[[], None], times: int) -> Callable[[], None]:
+    """``step`` called ``times`` times in a row (one timed repetition)."""
+
+    def run() -> None:
+        for _ in range(times):
+            step()
+
+    return run
 
 
 def bench_train_config(cfg: BenchConfig) -> TrainConfig:
@@ -220,26 +240,40 @@ def bench_train_config(cfg: BenchConfig) -> TrainConfig:
     )
 
 
-def ftikd_steps(
-    cfg: BenchConfig, arch: str, method_name: str, data: TrainData
+def ftikd_step(
+    cfg: BenchConfig, arch: str, spec: str, data: TrainData, store: Path
 ) -> tuple[Callable[[], None], int]:
-    """``cfg.steps`` of the engine's ``train_step`` for one method (model built once), and images per step."""
+    """One engine ``train_step`` of method ``spec`` (``name[:k=v,...]``; model built once), and the
+    images it pushes through the student. A method that queries the teacher during training (BSS,
+    VRM's original mode) gets a paid teacher over a new store file ``store``: its step includes paying."""
     torch.manual_seed(0)
     model = build_model(arch, in_channels=cfg.channels, num_classes=cfg.num_classes)
-    method = build_method(method_name)
+    name, options = parse_method_spec(spec)
+    method = build_method(name, **options)
     data = with_teacher_features(cfg, data, tuple(method.teacher_features))
-    parts = build_training(model, method, data, bench_train_config(cfg), seed=0)
+    paid = bench_paid_teacher(cfg, method, store) if method.queries_teacher else None
+    parts = build_training(model, method, data, bench_train_config(cfg), seed=0, paid_teacher=paid)
 
     def step() -> None:
         train_step(
             parts.model, method, data, parts.sampler, parts.optimizer, parts.aug_generator, parts.options
         )
 
-    def steps() -> None:
-        for _ in range(cfg.steps):
-            step()
+    return step, images_through_student(model, step)
 
-    return steps, images_through_student(model, step)
+
+def bench_teacher_module(cfg: BenchConfig) -> nn.Module:
+    """The bench's teacher (seeded, untrained: only its cost matters) on the bench device, in eval mode."""
+    torch.manual_seed(0)
+    module = build_model(cfg.teacher, in_channels=cfg.channels, num_classes=cfg.num_classes)
+    return module.to(cfg.device).eval()
+
+
+def bench_paid_teacher(cfg: BenchConfig, method: Method, store: Path) -> PaidTeacher:
+    """A paid teacher with a budget no bench can spend, over a fresh store file ``store``."""
+    teacher = Teacher.from_module(bench_teacher_module(cfg))
+    features = method.teacher_features
+    return PaidTeacher.open(store, teacher, "bench", cfg.num_classes, 10**9, store.name, features)
 
 
 def images_through_student(model: nn.Module, step: Callable[[], None]) -> int:
@@ -256,8 +290,7 @@ def images_through_student(model: nn.Module, step: Callable[[], None]) -> int:
 def bench_caching(cfg: BenchConfig, data: TrainData, sync: Callable[[], None]) -> list[dict]:
     """Teacher caching through the store against the teacher's bare batched inference."""
     device = torch.device(cfg.device)
-    torch.manual_seed(0)
-    module = build_model(cfg.teacher, in_channels=cfg.channels, num_classes=cfg.num_classes).to(device).eval()
+    module = bench_teacher_module(cfg)
     teacher = Teacher.from_module(module)
     n = min(cfg.cache_samples, data.num_train)
     samples = torch.arange(n)
@@ -289,17 +322,6 @@ def bench_caching(cfg: BenchConfig, data: TrainData, sync: Callable[[], None]) -
     return rate_rows(cfg.teacher, rates, what, dict.fromkeys(rates, "teacher-bare"))
 
 
-TORCHDISTILL_SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "torchdistill_kd.py"
-TORCHDISTILL_VENV = (
-    "create one with: python3 -m venv /tmp/tdv && /tmp/tdv/bin/pip install torch==2.14.1 "
-    "torchvision==0.29.1 torchdistill==1.1.5, then pass --torchdistill-python /tmp/tdv/bin/python"
-)
-TORCHDISTILL_MODES = {
-    "torchdistill-kd-teacher": "teacher forward every step",
-    "torchdistill-kd-cached": "cached teacher logits",
-}
-
-
 def versus_torchdistill(model: str, rates: dict[str, list[float]]) -> list[dict]:
     """Rows ftikd ``kd`` / torchdistill KD, the median of per-repetition ratios, per torchdistill mode."""
     return [
@@ -315,102 +337,6 @@ def versus_torchdistill(model: str, rates: dict[str, list[float]]) -> list[dict]
     ]
 
 
-class TorchdistillWorker:
-    """``benchmarks/torchdistill_kd.py --serve`` under another python, timing one round per request.
-
-    Rounds on both sides of the pipe alternate (only one side computes at a time), so that ftikd and
-    torchdistill are timed seconds apart under the same machine load. Use it as a context manager.
-    """
-
-    def __init__(self, cfg: BenchConfig) -> None:
-        self.python = str(cfg.torchdistill_python)
-        if not TORCHDISTILL_SCRIPT.is_file():
-            raise FtikdError(
-                f"--torchdistill-python needs a source checkout ({TORCHDISTILL_SCRIPT} is missing)"
-            )
-        self.log: IO[str] = tempfile.TemporaryFile(mode="w+")
-        try:
-            self.proc = subprocess.Popen(
-                torchdistill_command(cfg),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=self.log,
-                text=True,
-            )
-        except OSError as exc:
-            self.log.close()
-            raise FtikdError(f"cannot run {self.python} ({exc.strerror}); {TORCHDISTILL_VENV}") from None
-        hello = self.receive()
-        self.what: dict[str, str] = hello["what"]
-        self.versions: dict[str, str] = hello["versions"]
-
-    def __enter__(self) -> TorchdistillWorker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-    def receive(self) -> dict[str, Any]:
-        """The next JSON line from the script; its death or garbage is a user error."""
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            self.fail()
-
-    def fail(self) -> NoReturn:
-        """Stop the script and raise one line naming the fix."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        code = self.proc.wait()
-        if code == 3:
-            raise FtikdError(
-                f"torch, torchvision or torchdistill is missing for {self.python}; {TORCHDISTILL_VENV}"
-            )
-        self.log.seek(0)
-        detail = (self.log.read().strip().splitlines() or [f"exit status {code}"])[-1]
-        raise FtikdError(
-            f"the torchdistill benchmark failed under {self.python}: {detail}; {TORCHDISTILL_VENV}"
-        )
-
-    def round(self, arch: str) -> dict[str, float]:
-        """Wall times of the script's bare step and KD modes for ``arch``, one run each."""
-        try:
-            self.proc.stdin.write(arch + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            self.fail()
-        return self.receive()
-
-    def close(self) -> dict[str, Any]:
-        """End the script; its peak RSS and versions."""
-        self.proc.stdin.close()
-        info = self.receive()
-        self.proc.wait()
-        return {"versions": self.versions, **info}
-
-
-def torchdistill_command(cfg: BenchConfig) -> list[str]:
-    """The command serving ``benchmarks/torchdistill_kd.py`` rounds with this bench's settings and threads."""
-    settings = {
-        "teacher": cfg.teacher,
-        "channels": cfg.channels,
-        "image-size": cfg.image_size,
-        "num-classes": cfg.num_classes,
-        "num-train": cfg.num_train,
-        "batch-size": cfg.batch_size,
-        "steps": cfg.steps,
-        "threads": torch.get_num_threads(),
-        "device": cfg.device,
-    }
-    flags = [arg for name, value in settings.items() for arg in (f"--{name}", str(value))]
-    script = str(TORCHDISTILL_SCRIPT)
-    return [str(cfg.torchdistill_python), script, "--serve", "--students", *cfg.students, *flags]
-
-
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Measure everything in ``cfg`` and return the rows with the settings and versions.
 
@@ -420,8 +346,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     check_ranges(cfg)
     check_device(cfg.device)
     if cfg.methods == ["all"]:
-        # methods that pay teacher calls during training (bss) need a store and teacher: not timed here
-        cfg = replace(cfg, methods=[m for m in available_methods() if not method_class(m).queries_teacher])
+        cfg = replace(cfg, methods=[*available_methods(), *EXTRA_MODES])
+    for spec in cfg.methods:  # unknown names and options are refused before any measurement
+        name, options = parse_method_spec(spec)
+        build_method(name, **options)
     resolve_step_settings(bench_train_config(cfg), ONE_PROCESS)  # refuse bad settings before measuring
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -429,7 +357,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         device = torch.device(cfg.device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         data = synthetic_data(cfg, device)
-        rows = [row for arch in cfg.students for row in bench_student(cfg, arch, data, sync, worker)]
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [row for arch in cfg.students for row in bench_student(cfg, arch, data, sync, worker, tmp)]
         torchdistill = worker.close() if worker else None
     rows += bench_caching(cfg, data, sync)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -448,13 +377,16 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 def format_bench(result: dict[str, Any]) -> str:
     """The rows as a markdown table."""
-    lines = ["| model | measured | images/s | ratio |", "|---|---|---|---|"]
+    lines = ["| model | measured | images/s | ratio | peak MiB/step |", "|---|---|---|---|---|"]
     for row in result["rows"]:
         rate = "—" if row["images_per_s"] is None else f"{row['images_per_s']:.0f}"
-        lines.append(f"| {row['student']} | {row['what']} | {rate} | {row['ratio']:.2f} |")
+        peak = "—" if row.get("peak_step_mib") is None else f"{row['peak_step_mib']:.1f}"
+        lines.append(f"| {row['student']} | {row['what']} | {rate} | {row['ratio']:.2f} | {peak} |")
     lines.append(
         "\nratio: median over repetitions of the ratio to the bare step of the same repetition and"
         "\nenvironment; 'ratio ftikd kd / torchdistill' rows: the same median of ftikd kd over torchdistill."
+        "\npeak MiB/step: memory one step holds above its start (activations, gradients, buffers; CPU: from"
+        "\nthe profiler's allocation events, CUDA: max_memory_allocated)."
     )
     lines.append(f"peak RSS {result['peak_rss_mib']} MiB; torch threads {result['threads']}")
     td = result.get("torchdistill")

@@ -31,7 +31,7 @@ from ftikd.experiments.executors import worker_threads
 from ftikd.experiments.run import RunConfig, run_distillation
 from ftikd.fileio import atomic_write_text
 from ftikd.methods import build_method
-from ftikd.options import parse_options
+from ftikd.options import parse_method_spec
 from ftikd.teacher import read_checkpoint_meta
 from ftikd.teacher.train import TeacherTrainConfig, train_teacher
 
@@ -49,8 +49,7 @@ class MethodSpec:
     @classmethod
     def parse(cls, spec: str) -> MethodSpec:
         """``name`` or ``name:key=value,...``; the key ``lr`` sets the method's learning rate."""
-        name, _, opts = spec.partition(":")
-        options = parse_options([o for o in opts.split(",") if o])
+        name, options = parse_method_spec(spec)
         lr = options.pop("lr", None)
         return cls(name, options, None if lr is None else float(lr))
 

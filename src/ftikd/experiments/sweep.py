@@ -27,7 +27,7 @@ from ftikd.experiments.config_check import check_run_config
 from ftikd.experiments.db import JobRow, ResultsDB
 from ftikd.experiments.teacher_outputs import with_feature_names
 from ftikd.experiments.tracking import check_trackers, parse_track
-from ftikd.options import parse_options
+from ftikd.options import parse_method_spec
 from ftikd.teacher.train import TeacherTrainConfig
 
 # Train settings kept out of run keys: those that do not change the result, and the LR, which is
@@ -58,8 +58,7 @@ class MethodSpec:
     def parse(cls, raw: Any, source: str) -> MethodSpec:
         """``"kd"``, ``"ckd:k=3,form=kl"`` or ``{name: ckd, options: {k: 3}}``."""
         if isinstance(raw, str):
-            name, _, opts = raw.partition(":")
-            return cls(name.strip(), parse_options([o for o in opts.split(",") if o]))
+            return cls(*parse_method_spec(raw))
         if isinstance(raw, dict) and set(raw) <= {"name", "options"} and isinstance(raw.get("name"), str):
             options = raw.get("options") or {}
             if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
