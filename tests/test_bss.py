@@ -212,6 +212,7 @@ def test_cli_smoke_within_budget(tmp_path, trained_digits_teacher):
     assert rec["protocol"]["n_train"] == 40 and rec["protocol"]["n_val"] == 20
     assert calls["cached"] == 40 and calls["total"] == calls["cached"] + calls["paid_during_training"] <= 80
     assert calls["outputs_used"] == calls["total"] and calls["paid_this_run"] == calls["total"]
+    assert calls["store_paid_total"] == calls["total"]  # the ledger read after training, not before
     assert rec["method_metrics"]["boundary_calls_paid"] == calls["paid_during_training"]
     assert all(math.isfinite(rec["history"][0][k]) for k in ("ce", "kd", "bss"))
 

@@ -9,6 +9,7 @@ import torch
 from ftikd.cli import main
 from ftikd.engine.trainer import TrainConfig
 from ftikd.experiments.run import RunConfig, run_distillation
+from ftikd.methods import available_methods, build_method
 from ftikd.teacher import Teacher, TeacherStore, read_checkpoint_meta
 
 N = 160
@@ -77,6 +78,36 @@ def test_every_method_within_budget_and_store_shared(tmp_path, digits, teacher_p
         assert rec["history"] and rec["versions"]["torch"] == torch.__version__
         losses = [v for epoch in rec["history"] for k, v in epoch.items() if k in ("ce", "kd", "ckd_teacher")]
         assert losses and all(math.isfinite(v) for v in losses), method
+
+
+def black_box_methods() -> list[str]:
+    """Every registered method that reads only cached logits (no teacher features, no new queries)."""
+    return [
+        name
+        for name in available_methods()
+        if not build_method(name).teacher_features and not build_method(name).queries_teacher
+    ]
+
+
+def test_all_black_box_methods_on_one_teacher_and_subset_pay_exactly_n(tmp_path, digits, teacher_path):
+    names = black_box_methods()
+    assert {"kd", "ckd", "rkd", "dist", "crd", "mixup", "cutmix", "logit-mse"} <= set(names)
+    counting = CountingTeacher(Teacher.from_checkpoint(teacher_path))
+    one_epoch = TrainConfig(patience=1, phases=1, max_epochs=1)
+    stores = set()
+    for name in names:
+        cfg = RunConfig(
+            teacher=str(teacher_path), dataset="digits", method=name, calls=N, seed=1,
+            out=str(tmp_path / "runs"), train=one_epoch,
+        )  # fmt: skip
+        record = run_distillation(cfg, teacher=counting, dataset=digits, progress=False).record
+        calls = record["teacher_calls"]
+        assert calls["outputs_used"] <= N, name
+        stores |= {calls["store"]} if "store" in calls else set()
+    assert counting.seen == N  # the first method that reads the teacher paid n; none paid again
+    (store_path,) = stores
+    with TeacherStore.open(store_path, counting.fingerprint, "digits", 10) as store:
+        assert store.count() == N and store.paid_calls() == N
 
 
 @pytest.mark.parametrize("method,opts", METHODS, ids=[f"{m}{o.get('k', '')}" for m, o in METHODS])

@@ -213,6 +213,7 @@ def run_distillation(
             resume=resume,
             paid_teacher=paid_teacher,
         )
+        calls = training_calls(calls, paid_teacher)  # before the paid teacher's store is closed
     except BaseException:
         trackers.close()  # an MLflow run ends as FAILED
         raise
@@ -253,7 +254,7 @@ def run_distillation(
             "steps": result.steps,
         },
         **({"method_metrics": method_metrics} if method_metrics else {}),
-        "teacher_calls": training_calls(calls, paid_teacher),
+        "teacher_calls": calls,
         "history": result.history,
         "processes": ctx.world_size,
         "wall_time_s": round(time.perf_counter() - started, 3),

@@ -212,7 +212,8 @@ def open_paid_teacher(
 
 def training_calls(calls: dict[str, Any], paid: PaidTeacher | None) -> dict[str, Any]:
     """``calls`` with the teacher calls paid during training: ``cached`` + ``paid_during_training``
-    = ``total`` (= ``outputs_used``) <= n; ``paid_this_run`` adds the calls this attempt paid."""
+    = ``total`` (= ``outputs_used``) <= n; ``paid_this_run`` adds the calls this attempt paid and
+    ``store_paid_total`` is read again from the store's ledger (``paid`` must still be open)."""
     if paid is None:
         return calls
     cached, during = calls["outputs_used"], paid.paid
@@ -222,4 +223,5 @@ def training_calls(calls: dict[str, Any], paid: PaidTeacher | None) -> dict[str,
         "total": cached + during,
         "outputs_used": cached + during,
         "paid_this_run": calls["paid_this_run"] + during - paid.paid_at_open,
+        "store_paid_total": paid.store.paid_calls(),
     }
