@@ -7,14 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from ftikd.engine.trainer import (
-    TrainConfig,
-    TrainData,
-    build_training,
-    resolve_autocast,
-    resolve_channels_last,
-    train_step,
-)
+from ftikd.engine.config import TrainConfig, resolve_autocast, resolve_channels_last
+from ftikd.engine.trainer import TrainData, build_training, train_step
 from ftikd.errors import FtikdError
 from ftikd.experiments.bench import BenchConfig, synthetic_data
 from ftikd.methods import build_method

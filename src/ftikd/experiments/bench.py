@@ -36,14 +36,9 @@ from torch import nn
 from ftikd.checks import bounded, check_device, check_ranges
 from ftikd.data import normalize, view_crop_flip
 from ftikd.distributed import DistContext
+from ftikd.engine.config import TrainConfig, resolve_step_settings
 from ftikd.engine.record import library_versions
-from ftikd.engine.trainer import (
-    TrainConfig,
-    TrainData,
-    build_training,
-    resolve_step_settings,
-    train_step,
-)
+from ftikd.engine.trainer import TrainData, build_training, train_step
 from ftikd.experiments.bench_memory import step_peak_mib
 from ftikd.experiments.bench_torchdistill import TORCHDISTILL_MODES, TorchdistillWorker
 from ftikd.methods import Method, available_methods, build_method

@@ -23,9 +23,10 @@ from ftikd.data import ImageDataset, fti_split, load_dataset
 from ftikd.data.scenarios import imbalanced_indices, uniform_label_noise
 from ftikd.data.split import FTISplit
 from ftikd.distributed import init_distributed
+from ftikd.engine.config import TrainConfig, resolve_step_settings
 from ftikd.engine.parallel import rank_device
 from ftikd.engine.record import library_versions, write_json
-from ftikd.engine.trainer import TrainConfig, TrainData, evaluate, fit, resolve_step_settings
+from ftikd.engine.trainer import TrainData, evaluate, fit
 from ftikd.errors import FtikdError
 from ftikd.experiments.config_check import check_run_config
 from ftikd.experiments.teacher_outputs import (

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftikd.engine.trainer import NOT_RESULT_FIELDS, TrainConfig
+from ftikd.engine.config import NOT_RESULT_FIELDS, TrainConfig
 from ftikd.errors import FtikdError
 from ftikd.experiments.config_check import check_run_config
 from ftikd.experiments.db import JobRow, ResultsDB

@@ -18,7 +18,7 @@ from ftikd.checks import check_output_dir, check_output_file
 from ftikd.data import ImageDataset, normalize, view_crop_flip
 from ftikd.data.split import FTISplit
 from ftikd.distributed import DistContext, barrier
-from ftikd.engine.trainer import NOT_RESULT_FIELDS
+from ftikd.engine.config import NOT_RESULT_FIELDS
 from ftikd.errors import FtikdError
 from ftikd.methods import Method
 from ftikd.teacher import Teacher, TeacherStore, read_checkpoint_meta
