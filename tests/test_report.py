@@ -77,6 +77,8 @@ def test_report_tables_plot_csv_and_paper_numbers(tmp_path):
     # kd: mean 31 -> 35 reaches 35 at n=2000; ckd: above 35 at 1600 (blank), 37 -> 41 crosses 40 at 1900
     assert rows[1][1] == "2.00" and rows[2][1] == "" and rows[2][2] == "1.90"
     assert (tmp_path / "rep" / f"{stem}_accuracy_vs_calls.png").stat().st_size > 1000
+    with open(tmp_path / "rep" / f"{stem}_wall_time.csv") as handle:  # every fake run took 1 s
+        assert list(csv.reader(handle))[1] == ["kd", "1 ± 0", "1 ± 0"]
     if f"{stem}_vs_paper.csv" in names:  # the paper tables are found beside the repository
         assert "26.09 ± 2.75" in (tmp_path / "rep" / f"{stem}_vs_paper.csv").read_text()
         assert f"{stem}_calls_to_target_poster.csv" in names

@@ -95,6 +95,7 @@ def row(label, n, seed, lr, val, test):
         "val_acc": val,
         "test_top1": test,
         "calls_used": n,
+        "wall_s": 10.0 * seed,
     }
 
 
@@ -106,6 +107,7 @@ def test_lr_is_chosen_by_mean_validation_over_seeds():
     assert cell.lr == 0.05  # mean val 50 beats 40, though 0.1 has the single best seed
     assert cell.test == [60, 70, 80] and cell.mean == pytest.approx(70) and cell.std == pytest.approx(10)
     assert cell.lr_val == pytest.approx({0.1: 40.0, 0.05: 50.0})
+    assert cell.wall_s == [10.0, 20.0, 30.0]  # the chosen LR's runs, by seed
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,7 @@ class Selected:
     val_mean: float
     calls_used: int
     lr_val: dict[float, float]
+    wall_s: list[float]  # wall time of each run at the chosen LR
 
     @property
     def mean(self) -> float:
@@ -97,6 +98,7 @@ def select_lr(rows: list[Any]) -> list[Selected]:
                 lr_val[best],
                 max(int(x["calls_used"] or 0) for x in runs),
                 lr_val,
+                [float(x["wall_s"] or 0.0) for x in runs],
             )
         )
     return sorted(out, key=lambda s: (s.pair, s.n))
@@ -137,6 +139,22 @@ def accuracy_rows(cells: list[Selected]) -> list[list[str]]:
             )
         rows.append(row)
     return rows
+
+
+def wall_rows(cells: list[Selected]) -> list[list[str]]:
+    """Rows: method x n, mean ± std wall seconds per run at the chosen LR (the cost of one result)."""
+    budgets = sorted({c.n for c in cells})
+    by = {(c.label, c.n): c for c in cells}
+    rows = [["method", *[f"n={n}" for n in budgets]]]
+    for label in dict.fromkeys(c.label for c in cells):
+        cells_n = [by.get((label, n)) for n in budgets]
+        rows.append([label, *("-" if c is None else f"{_mean_std(c.wall_s, '.0f')}" for c in cells_n)])
+    return rows
+
+
+def _mean_std(values: list[float], fmt: str) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):{fmt}} ± {std:{fmt}}"
 
 
 def find_paper_tables(explicit: str | None) -> Path | None:
@@ -217,10 +235,12 @@ def write_report(
     folder = find_paper_tables(paper_tables)
     targets = list(targets or DEFAULT_TARGETS)
     written: list[Path] = []
+    run_hours = sum(float(r["wall_s"] or 0) for r in rows if r["status"] == "done") / 3600
     parts = [
         f"# Sweep report: {sweep or 'all runs'} ({db_path.name})",
         f"Runs: {counts['done']} done, {counts['failed']} failed, {counts['running']} running, "
-        f"{counts['pending']} pending. Test top-1 % (mean ± std over seeds) at the LR with the highest "
+        f"{counts['pending']} pending; {run_hours:.2f} h of run wall time in all (runs in parallel "
+        "overlap). Test top-1 % (mean ± std over seeds) at the LR with the highest "
         "mean validation top-1 over seeds per (method, pair, n) (CKD paper A.1); the best mean of each "
         "column in bold.",
     ]
@@ -236,6 +256,11 @@ def write_report(
         )
         written.append(plot)
         parts.append(f"![accuracy vs calls]({plot.name})")
+        parts += [
+            "### Wall time per run (s, mean ± std over seeds at the chosen LR)",
+            write_table(wall_rows(pc), out / f"{slug}_wall_time.csv"),
+        ]
+        written.append(out / f"{slug}_wall_time.csv")
         curves = {}
         for label in dict.fromkeys(c.label for c in pc if c.calls_used > 0):
             series = sorted((c for c in pc if c.label == label), key=lambda c: c.n)
