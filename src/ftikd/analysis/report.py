@@ -133,7 +133,7 @@ def accuracy_rows(cells: list[Selected]) -> list[list[str]]:
             if c is None:
                 row.append("-")
                 continue
-            text = f"{c.mean:.2f} ± {c.std:.2f}"
+            text = _mean_std(c.test, ".2f")
             row.append(
                 f"{'**' + text + '**' if c.mean == best[n] else text} (lr {c.lr:g}, {len(c.test)} seeds)"
             )
@@ -148,11 +148,12 @@ def wall_rows(cells: list[Selected]) -> list[list[str]]:
     rows = [["method", *[f"n={n}" for n in budgets]]]
     for label in dict.fromkeys(c.label for c in cells):
         cells_n = [by.get((label, n)) for n in budgets]
-        rows.append([label, *("-" if c is None else f"{_mean_std(c.wall_s, '.0f')}" for c in cells_n)])
+        rows.append([label, *("-" if c is None else _mean_std(c.wall_s, ".0f") for c in cells_n)])
     return rows
 
 
 def _mean_std(values: list[float], fmt: str) -> str:
+    """``mean ± std`` of ``values`` (std 0 for a single value), each in format ``fmt``."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.fmean(values):{fmt}} ± {std:{fmt}}"
 

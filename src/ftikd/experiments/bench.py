@@ -117,9 +117,15 @@ def median_ratio(rates: dict[str, list[float]], kind: str, base: str) -> float:
 
 
 def rate_rows(
-    model: str, rates: dict[str, list[float]], what: dict[str, str], base: dict[str, str]
+    model: str,
+    rates: dict[str, list[float]],
+    what: dict[str, str],
+    base: dict[str, str],
+    peaks: dict[str, float] | None = None,
 ) -> list[dict]:
-    """One row per timed kind: median images/s and the median per-repetition ratio to its base."""
+    """One row per timed kind: median images/s, the median per-repetition ratio to its base, and the
+    peak MiB of one step where ``peaks`` has it (None otherwise)."""
+    peaks = peaks or {}
     return [
         {
             "student": model,
@@ -127,7 +133,7 @@ def rate_rows(
             "kind": kind,
             "images_per_s": statistics.median(rates[kind]),
             "ratio": median_ratio(rates, kind, base[kind]),
-            "peak_step_mib": None,
+            "peak_step_mib": round(peaks[kind], 2) if kind in peaks else None,
         }
         for kind in rates
     ]
@@ -208,10 +214,7 @@ def bench_student(
     peaks = {kind: step_peak_mib(step, device) for kind, step in one_step.items()}
     rates = {kind: [cfg.steps * images[kind] / t for t in ts] for kind, ts in times.items()}
     base = {kind: "torchdistill-bare" if kind.startswith("torchdistill") else "bare" for kind in rates}
-    rows = rate_rows(arch, rates, what, base)
-    for row in rows:
-        row["peak_step_mib"] = round(peaks[row["kind"]], 2) if row["kind"] in peaks else None
-    return rows + versus_torchdistill(arch, rates)
+    return rate_rows(arch, rates, what, base, peaks) + versus_torchdistill(arch, rates)
 
 
 def repeated(step: Callable[[], None], times: int) -> Callable[[], None]:
