@@ -1,5 +1,7 @@
 """Shared fixtures."""
 
+import contextlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,23 @@ def digits_teacher(tmp_path_factory) -> Path:
         model, path, {"arch": "resnet8", "in_channels": 1, "num_classes": 10, "dataset": "digits"}
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(tmp_path_factory) -> Path:
+    """One scratch folder per fuzz module (tests/fuzzing.py ``scratch`` makes one per example in it)."""
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fuzz_counts(request):
+    """After a fuzz module, print how many malformed inputs each reader got (tests/fuzzing.py)."""
+    yield
+    fuzzing = sys.modules.get("fuzzing")
+    if fuzzing is None or not fuzzing.TRIED:
+        return
+    line = "[fuzz] malformed inputs tried: " + ", ".join(f"{k}={v}" for k, v in sorted(fuzzing.TRIED.items()))
+    fuzzing.TRIED.clear()
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n" + line)
