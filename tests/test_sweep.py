@@ -46,6 +46,7 @@ def test_presets_load_and_paper_grid_is_exact():
         "paper-cifar100-rkdd",
         "survey-cifar",
         "cpu-fashion",
+        "cpu-fashion-whitebox",
     } <= set(preset_names())
     for name in preset_names():
         assert load_sweep(name).name == name
