@@ -80,7 +80,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ftikd.analysis.report import write_report
 
     paths = write_report(
-        args.db, args.out, sweep=args.sweep, targets=args.targets, paper_tables=args.paper_tables
+        args.db,
+        args.out,
+        sweep=args.sweep,
+        targets=args.targets,
+        paper_tables=args.paper_tables,
+        reference=args.reference,
+        reference_sweep=args.reference_sweep,
     )
     for path in paths:
         print(path)
@@ -125,4 +131,10 @@ def add_sweep_commands(sub: Any) -> None:
     r.add_argument("--sweep", help="report this sweep only (default: all runs in the database)")
     r.add_argument("--targets", nargs="+", type=float, help="accuracies for the calls-to-target table")
     r.add_argument("--paper-tables", help="folder of paper-tables CSVs (default $FTIKD_PAPER_TABLES)")
+    r.add_argument(
+        "--reference",
+        metavar="DB",
+        help="a second results database (e.g. the full protocol): add how both rank the methods per n",
+    )
+    r.add_argument("--reference-sweep", help="compare with this sweep of --reference only (default: all)")
     r.set_defaults(func=cmd_report)

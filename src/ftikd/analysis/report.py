@@ -217,22 +217,25 @@ def write_report(
     sweep: str | None = None,
     targets: list[float] | None = None,
     paper_tables: str | None = None,
+    reference: str | Path | None = None,
+    reference_sweep: str | None = None,
 ) -> list[Path]:
-    """Write ``report.md`` plus per-pair CSV and PNG files under ``out``; return the paths written."""
+    """Write ``report.md`` plus per-pair CSV and PNG files under ``out``; return the paths written.
+
+    With ``reference`` (another results database, e.g. the same grid under the full protocol), the
+    report ends with how the two rank the methods in every (dataset, pair, n) both hold
+    (:mod:`ftikd.analysis.ranking`).
+    """
     db_path, out = Path(db_path), Path(out)
-    if not db_path.is_file():
-        raise FtikdError(
-            f"no results database at {db_path}; run ftikd sweep first or pass its results.sqlite"
-        )
-    with ResultsDB(db_path) as db:
-        if sweep is not None and sweep not in db.sweeps():
-            raise FtikdError(
-                f"no sweep {sweep!r} in {db_path}; sweeps there: {', '.join(db.sweeps()) or 'none'}"
-            )
-        rows, counts = db.rows(sweep), db.counts(sweep)
+    rows, counts = _read_db(db_path, sweep)
     cells = select_lr(rows)
     if not cells:
         raise FtikdError(f"no finished runs in {db_path}; run (or finish) the sweep first")
+    ref_cells = None
+    if reference is not None:
+        ref_cells = select_lr(_read_db(Path(reference), reference_sweep)[0])
+        if not ref_cells:
+            raise FtikdError(f"no finished runs in reference {reference}; run (or finish) that sweep first")
     folder = find_paper_tables(paper_tables)
     targets = list(targets or DEFAULT_TARGETS)
     written: list[Path] = []
@@ -275,6 +278,8 @@ def write_report(
             ]
             written.append(out / f"{slug}_calls_to_target.csv")
         parts += _published(pc, pair, targets, folder, out / slug, written)
+    if ref_cells is not None:
+        parts += _ranking_section(cells, ref_cells, Path(reference), reference_sweep, out, written)
     report = out / "report.md"
     atomic_write_text(report, "\n\n".join(parts) + "\n")
     return [report, *written]
@@ -300,3 +305,39 @@ def _published(
     else:
         parts.append("No published setting matches this dataset and pair.")
     return parts
+
+
+def _read_db(db_path: Path, sweep: str | None) -> tuple[list[Any], dict[str, int]]:
+    """The rows and status counts of ``sweep`` (all sweeps when None) in the database at ``db_path``."""
+    if not db_path.is_file():
+        raise FtikdError(
+            f"no results database at {db_path}; run ftikd sweep first or pass its results.sqlite"
+        )
+    with ResultsDB(db_path) as db:
+        if sweep is not None and sweep not in db.sweeps():
+            raise FtikdError(
+                f"no sweep {sweep!r} in {db_path}; sweeps there: {', '.join(db.sweeps()) or 'none'}"
+            )
+        return db.rows(sweep), db.counts(sweep)
+
+
+def _ranking_section(
+    cells: list[Selected],
+    ref_cells: list[Selected],
+    reference: Path,
+    reference_sweep: str | None,
+    out: Path,
+    written: list[Path],
+) -> list[str]:
+    """The report's last section: method rankings here beside those of the reference sweep."""
+    from ftikd.analysis.ranking import EXPLANATION, ranking_rows
+
+    summary, detail = ranking_rows(cells, ref_cells)
+    title = f"## Ranking beside the reference {reference.name}" + (
+        f" (sweep {reference_sweep})" if reference_sweep else ""
+    )
+    if len(summary) == 1:
+        return [title, "The reference shares no (dataset, pair, n) with two or more methods of this sweep."]
+    paths = [out / "ranking_agreement.csv", out / "ranking_by_method.csv"]
+    written += paths
+    return [title, write_table(summary, paths[0]), EXPLANATION, write_table(detail, paths[1])]
