@@ -8,7 +8,8 @@ whatever file a loss lives in.
 """
 
 from ftikd.losses.contrastive import (
-    contrast_log_scores,
+    contrast_scores,
+    contrast_weights,
     crd_nce_loss,
     momentum_rows,
     nce_log_normalizer,
@@ -90,7 +91,8 @@ __all__ = [
     "ckd_terms",
     "compare_groups",
     "comparison_weights",
-    "contrast_log_scores",
+    "contrast_scores",
+    "contrast_weights",
     "crd_nce_loss",
     "cutmix_images",
     "dist_loss",

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftikd.losses.contrastive import contrast_log_scores, crd_nce_loss, momentum_rows, nce_log_normalizer
+from ftikd.losses.contrastive import contrast_scores, crd_nce_loss, momentum_rows, nce_log_normalizer
 from ftikd.losses.logit import kd_loss
 from ftikd.methods.base import Batch, Method, MethodConfig, MethodContext, register_method
 from ftikd.methods.representation import (
@@ -86,7 +86,7 @@ class CRDConfig(MethodConfig):
             raise ValueError("momentum must lie in [0, 1)")
 
 
-def draw_contrast_indices(
+def draw_contrast(
     index: torch.Tensor,
     labels: torch.Tensor,
     table: torch.Tensor,
@@ -94,14 +94,16 @@ def draw_contrast_indices(
     num_negatives: int,
     positive: str,
     generator: torch.Generator,
-) -> torch.Tensor:
-    """CRD's contrast indices (M8 sampler), shaped (B, 1 + K): the positive, then K negatives.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CRD's contrast sets (M8 sampler): each anchor's positive row (B,) and negative counts (B, n).
 
     Negatives come from the anchor's other-class pool (rows of ``table`` with another, known label;
     -1 marks a row whose label is not known yet): without replacement when K fits in the pool, with
     replacement when it does not, as the reference does (in FTI, n < K, so always with replacement).
-    An anchor whose pool is empty (one known class) draws from all rows. The positive is the anchor
-    itself (``index``) or a random row of its class (``label``). Everything is drawn on the device.
+    An anchor whose pool is empty (one known class) draws from all rows. ``counts[i, j]`` is how
+    often row j was drawn for anchor i (the rows sum to K); the loss only needs these counts, so the
+    K draws are binned on the fly instead of kept as B x K indices. The positive is the anchor itself
+    (``index``) or a random row of its class (``label``). Everything is drawn on the device.
     """
     n, b, k, dev = table.numel(), index.numel(), num_negatives, table.device
     order = torch.argsort(table, stable=True)  # unknown rows first, then one block per class
@@ -111,21 +113,29 @@ def draw_contrast_indices(
     pool = n - counts[0] - own
     has_pool = pool > 0
     size = torch.where(has_pool, pool, n)[:, None]
-    u = torch.minimum((torch.rand(b, k, generator=generator, device=dev) * size).long(), size - 1)
-    u = u + torch.where(has_pool, counts[0], 0)[:, None]  # skip the unknown block
-    u = u + torch.where(has_pool, own, 0)[:, None] * (u >= lo[:, None])  # and the anchor's class block
-    negatives = order[u]
+    rows = torch.arange(b, device=dev)[:, None]
+    u = torch.rand(b, k, generator=generator, device=dev).mul_(size).long()
+    u = torch.minimum(u, size - 1).add_(rows * n)  # uniform pool position, offset by the anchor's row
+    at_pool = torch.bincount(u.reshape(-1), minlength=b * n).reshape(b, n)
+    # pool position p -> position in ``order``: skip the unknown block, then the anchor's class block
+    p = torch.arange(n, device=dev)[None, :] + torch.where(has_pool, counts[0], 0)[:, None]
+    p = p + torch.where(has_pool, own, 0)[:, None] * (p >= lo[:, None])
+    in_order = torch.zeros(b, n, dtype=at_pool.dtype, device=dev)
+    valid = torch.arange(n, device=dev)[None, :] < size
+    in_order.scatter_add_(1, torch.where(valid, p, 0), torch.where(valid, at_pool, 0))
+    drawn = torch.zeros_like(in_order).scatter_(1, order.expand(b, n), in_order)  # order position -> row
     if k <= n:
         keys = torch.rand(b, n, generator=generator, device=dev)
         excluded = (table[None, :] == labels[:, None]) | (table[None, :] < 0)
         distinct = keys.masked_fill(excluded, 2.0).topk(k, dim=1, largest=False).indices
-        negatives = torch.where((pool >= k)[:, None], distinct, negatives)
+        once = torch.zeros_like(drawn).scatter_(1, distinct, 1)
+        drawn = torch.where((pool >= k)[:, None], once, drawn)
     if positive == "index":
-        pos = index.reshape(-1, 1)
+        pos = index.reshape(-1)
     else:
         r = torch.rand(b, generator=generator, device=dev)
-        pos = order[lo + torch.minimum((r * own).long(), own - 1)].reshape(-1, 1)
-    return torch.cat([pos, negatives], dim=1)
+        pos = order[lo + torch.minimum((r * own).long(), own - 1)].reshape(-1)
+    return pos, drawn.float()
 
 
 class CRDMemory(nn.Module):
@@ -151,6 +161,8 @@ class CRDMemory(nn.Module):
         self.register_buffer("pending_student", torch.zeros(rows, dim))
         self.register_buffer("pending_teacher", torch.zeros(rows, dim))
         self.register_buffer("pending_on", torch.zeros((), dtype=torch.bool))
+        self._z_known = False
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_z_known", False))
 
     def nbytes(self) -> int:
         """Bytes held by all buffers (the banks dominate: 2 n d float32)."""
@@ -184,17 +196,37 @@ class CRDMemory(nn.Module):
         self.pending_on.fill_(True)
 
     def nce(
-        self, v_student: torch.Tensor, v_teacher: torch.Tensor, idx: torch.Tensor, temperature: float
+        self,
+        v_student: torch.Tensor,
+        v_teacher: torch.Tensor,
+        positive: torch.Tensor,
+        counts: torch.Tensor,
+        temperature: float,
     ) -> torch.Tensor:
         """Both NCE directions (M8 steps 1-4): student anchors vs M_t, teacher anchors vs M_s."""
-        n = self.student.shape[0]
-        s_anchor = contrast_log_scores(v_student, self.teacher, idx, temperature)
-        t_anchor = contrast_log_scores(v_teacher, self.student, idx, temperature)
-        first = torch.stack([nce_log_normalizer(s_anchor, n), nce_log_normalizer(t_anchor, n)])
-        log_z = torch.where(torch.isnan(self.log_z), first, self.log_z)
-        with torch.no_grad():
-            self.log_z.copy_(log_z)
-        return crd_nce_loss(s_anchor, log_z[0], n) + crd_nce_loss(t_anchor, log_z[1], n)
+        s_anchor = contrast_scores(v_student, self.teacher, temperature)
+        t_anchor = contrast_scores(v_teacher, self.student, temperature)
+        log_z = self._fixed_log_z(s_anchor, t_anchor, positive, counts)
+        return crd_nce_loss(s_anchor, positive, counts, log_z[0]) + crd_nce_loss(
+            t_anchor, positive, counts, log_z[1]
+        )
+
+    def _fixed_log_z(
+        self, s_anchor: torch.Tensor, t_anchor: torch.Tensor, positive: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """log Z of both sides, fixed by the first batch (M8 step 3) and read from the buffer after.
+
+        Whether it is fixed yet is checked on the device once per process (and again after a state
+        dict is loaded), not at every step, so a step does not wait for the device.
+        """
+        if not self._z_known:
+            if bool(torch.isnan(self.log_z).any()):
+                with torch.no_grad():
+                    self.log_z.copy_(
+                        torch.stack([nce_log_normalizer(s, positive, counts) for s in (s_anchor, t_anchor)])
+                    )
+            self._z_known = True
+        return self.log_z
 
 
 @register_method
@@ -231,7 +263,7 @@ class CRD(Method):
         out, s_rep = student_representation(student, batch.images, cfg.on)
         v_s = self.extra["embed_s"](s_rep)
         v_t = self.extra["embed_t"](teacher_representation(batch, cfg.on))
-        idx = draw_contrast_indices(
+        positive, counts = draw_contrast(
             batch.index,
             batch.labels,
             memory.labels,
@@ -240,7 +272,7 @@ class CRD(Method):
             cfg.positive,
             self._draw_generator(batch.labels.device),
         )
-        crd = memory.nce(v_s, v_t, idx, cfg.temperature)
+        crd = memory.nce(v_s, v_t, positive, counts, cfg.temperature)
         memory.defer_update(batch.index, v_s, v_t)
         return {
             "ce": cfg.w_ce * F.cross_entropy(out.logits, batch.labels),

@@ -1,4 +1,4 @@
-"""Fixed-teacher Mixup/Mixup3/CutMix, logit MSE and CRD: losses against numpy, methods, smoke runs."""
+"""Fixed-teacher Mixup/Mixup3/CutMix and logit MSE: losses against numpy, methods, smoke runs."""
 
 import numpy as np
 import pytest
@@ -6,10 +6,9 @@ import torch
 from torch import nn
 
 from ftikd.cli import main
-from ftikd.engine.trainer import TrainConfig, TrainData, fit, load_trainable_state, trainable_state
+from ftikd.engine.trainer import TrainConfig, TrainData, fit
 from ftikd.errors import FtikdError
 from ftikd.experiments.run import RunConfig, run_distillation
-from ftikd.losses.contrastive import contrast_log_scores, crd_nce_loss, nce_log_normalizer
 from ftikd.losses.mixing import (
     cutmix_images,
     draw_cutmix_box,
@@ -19,8 +18,7 @@ from ftikd.losses.mixing import (
     mixing_loss,
 )
 from ftikd.losses.regression import logit_mse_loss
-from ftikd.methods import Batch, MethodContext, build_method
-from ftikd.methods.crd import draw_contrast_indices
+from ftikd.methods import Batch, build_method
 from ftikd.models import build_model
 from ftikd.models.base import ModelOutput
 from ftikd.teacher import Teacher, TeacherStore
@@ -219,163 +217,22 @@ def test_logit_mse_method_terms_and_zero_gradient_at_the_teacher():
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() < 1e-6 for p in student.parameters())
 
 
-# -------------------------------------------------------------------------------------------- CRD
-
-
-def test_contrast_indices_respect_classes_and_replacement_rules():
-    table = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
-    index = torch.tensor([0, 4, 7, 8])
-    labels = table[index]
-    g = torch.Generator().manual_seed(0)
-    for k in (4, 50):  # 4 fits every pool (>= 7 rows, distinct draws); 50 does not (with replacement)
-        idx = draw_contrast_indices(index, labels, table, 3, k, "index", g)
-        assert idx.shape == (4, k + 1) and torch.equal(idx[:, 0], index)
-        assert (table[idx[:, 1:]] != labels[:, None]).all()
-        if k == 4:
-            assert all(len(set(row.tolist())) == k for row in idx[:, 1:])
-    idx = draw_contrast_indices(index, labels, table, 3, 6, "label", g)
-    assert torch.equal(table[idx[:, 0]], labels)
-    # draws with replacement are uniform over the pool: anchor class 2 -> rows 0..6
-    counts = np.bincount(
-        draw_contrast_indices(index[2:3], labels[2:3], table, 3, 7000, "index", g)[0, 1:], minlength=12
-    )
-    assert counts[7:].sum() == 0 and np.all(np.abs(counts[:7] - 1000) < 150), counts
-    # rows whose label is not known yet are never negatives; one known class falls back to all rows
-    partial = torch.where(torch.arange(12) % 3 == 0, -1, table)
-    idx = draw_contrast_indices(index[:2], labels[:2], partial, 3, 100, "index", g)
-    assert (partial[idx[:, 1:]] >= 0).all() and (partial[idx[:, 1:]] != labels[:2, None]).all()
-    lone = draw_contrast_indices(index[:1], labels[:1], torch.zeros(12, dtype=torch.long), 3, 200, "index", g)
-    assert lone.min() >= 0 and lone.max() < 12
-
-
-def np_crd_side(anchors, memory, idx, tau, z=None):
-    """The reference NCE of one side with explicit loops (METHODS.md M8), and its Z."""
-    b, k1 = idx.shape
-    n, k = memory.shape[0], k1 - 1
-    o = np.array([[np.exp(memory[idx[i, j]] @ anchors[i] / tau) for j in range(k1)] for i in range(b)])
-    z = o.mean() * n if z is None else z
-    o = o / z
-    pn, eps = 1.0 / n, 1e-7
-    total = 0.0
-    for i in range(b):
-        total += np.log(o[i, 0] / (o[i, 0] + k * pn + eps))
-        total += sum(np.log(k * pn / (o[i, j] + k * pn + eps)) for j in range(1, k1))
-    return -total / b, z
-
-
-def unit(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def test_crd_nce_matches_reference_loops():
-    n, d, b, k, tau = 9, 6, 4, 12, 0.07
-    memory, anchors = unit(rng.normal(size=(n, d))), unit(rng.normal(size=(b, d)))
-    idx = rng.integers(0, n, size=(b, k + 1))
-    expected, z = np_crd_side(anchors, memory, idx, tau)
-    scores = contrast_log_scores(t64(anchors), t64(memory), torch.tensor(idx), tau)
-    np.testing.assert_allclose(scores.numpy(), np.einsum("bkd,bd->bk", memory[idx], anchors) / tau, rtol=1e-6)
-    log_z = nce_log_normalizer(scores, n)
-    assert log_z.item() == pytest.approx(np.log(z), rel=1e-6)
-    assert crd_nce_loss(scores, log_z, n).item() == pytest.approx(expected, rel=1e-5)
-    # a later batch is scored with the first batch's Z
-    idx2 = rng.integers(0, n, size=(b, k + 1))
-    later, _ = np_crd_side(anchors, memory, idx2, tau, z)
-    scores2 = contrast_log_scores(t64(anchors), t64(memory), torch.tensor(idx2), tau)
-    assert crd_nce_loss(scores2, log_z, n).item() == pytest.approx(later, rel=1e-5)
-
-
-def crd_setup(n=20, c=4, b=4, pass_labels=True, **options):
-    method = build_method("crd", **options)
-    student = Recorder(16, c).to(DEVICE)
-    labels = (torch.arange(n) % c).to(DEVICE)
-    ctx = MethodContext(n, c, b, student, DEVICE, {"embedding": (16,)}, (1, 4, 4))
-    if pass_labels:
-        ctx.train_labels = labels  # what the engine is asked to pass; absent, the table is learnt
-    method.setup(ctx)
-    method.modules().to(DEVICE)
-    feats = torch.randn(n, 16, device=DEVICE)
-    logits = torch.randn(n, c, device=DEVICE) * 2
-
-    def batch(index, same=False):
-        index = torch.as_tensor(index, device=DEVICE)
-        images = torch.randn(len(index), 1, 4, 4, device=DEVICE)
-        t_logits, t_feats = logits[index], feats[index]
-        if same:
-            images, t_logits, t_feats = (v[:1].expand_as(v).clone() for v in (images, t_logits, t_feats))
-        return Batch(index, images, labels[index], c, t_logits, {"embedding": t_feats})
-
-    return method, student, batch
-
-
-def test_crd_memory_has_n_rows_on_device_and_updates_only_the_batch_rows():
-    method, student, batch = crd_setup(num_negatives=30)
-    memory = method.extra["memory"]
-    assert memory.student.shape == (20, 128) and memory.teacher.shape == (20, 128)
-    assert memory.student.device.type == DEVICE.type and memory.labels.device.type == DEVICE.type
-    assert {"memory.student", "memory.teacher", "memory.log_z"} <= set(method.modules().state_dict())
-    before_s, before_t = memory.student.clone(), memory.teacher.clone()
-    first = torch.tensor([3, 7, 11, 12])
-    method.loss(student, batch(first))
-    v_s, v_t = memory.pending_student.clone(), memory.pending_teacher.clone()
-    log_z = memory.log_z.clone()
-    assert torch.isfinite(log_z).all()
-    method.loss(student, batch([0, 5, 9]))  # applies the first step's update, defers its own
-    for bank, before, v in ((memory.student, before_s, v_s), (memory.teacher, before_t, v_t)):
-        changed = (bank != before).any(dim=1).nonzero().flatten().cpu()
-        assert torch.equal(changed, first)
-        old, new = before[first].double().cpu().numpy(), v.double().cpu().numpy()
-        np.testing.assert_allclose(bank[first].double().cpu().numpy(), unit(0.5 * old + 0.5 * new), rtol=1e-5)
-        assert torch.allclose(bank[first].norm(dim=1), torch.ones(4, device=DEVICE), atol=1e-5)
-    assert torch.equal(memory.log_z, log_z)  # Z is fixed by the first batch
-    # restoring a snapshot (as at a phase end) brings the bank back with the student
-    snapshot = trainable_state(student, method.modules())
-    method.loss(student, batch([1, 2]))
-    method.loss(student, batch([4, 6]))
-    load_trainable_state(student, method.modules(), snapshot)
-    assert torch.equal(memory.student, snapshot["extra"]["memory.student"].to(DEVICE))
-
-
-def test_crd_learns_labels_from_batches_when_the_context_has_none():
-    method, student, batch = crd_setup(pass_labels=False, num_negatives=40)
-    table = method.extra["memory"].labels
-    assert (table == -1).all()
-    method.loss(student, batch([0, 5, 10, 15]))
-    expected = torch.full((20,), -1, device=DEVICE)
-    expected[[0, 5, 10, 15]] = torch.tensor([0, 1, 2, 3], device=DEVICE)
-    assert torch.equal(table, expected)
-
-
-@pytest.mark.parametrize("on,positive", [("logits", "index"), ("embedding", "label")])
-@pytest.mark.parametrize("case", ["identical", "two", "one-class", "one-class-subset"])
-def test_crd_gradients_finite_on_edge_cases(on, positive, case):
-    method, student, batch = crd_setup(c=1 if case == "one-class-subset" else 4, on=on, positive=positive)
-    rows = {"two": [2, 9], "one-class": [0, 4, 8, 12]}.get(case, [1, 4, 6, 13])
-    for _ in range(2):  # the second step reads the updated memory and the frozen Z
-        student.zero_grad()
-        method.modules().zero_grad()
-        terms = method.loss(student, batch(rows, same=case == "identical"))
-        sum(terms.values()).backward()
-    assert set(terms) == {"ce", "kd", "crd"} and all(torch.isfinite(v) for v in terms.values())
-    params = list(student.parameters()) + list(method.modules().parameters())
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
-
-
-@pytest.mark.parametrize("name", ["mixup", "crd"])
-def test_terms_stay_float32_under_bf16_autocast(name):
-    def first_step(autocast):
-        torch.manual_seed(7)  # the same fresh method, student and batch each time (CRD: Z unset)
-        if name == "crd":
-            method, student, make = crd_setup(n=20, c=4, b=4, num_negatives=30)
-            batch = make([1, 4, 6, 13])
-        else:
-            method, student, batch = build_method(name), Recorder(16, 5), group_batch(6, 2, 5)
-        with torch.autocast(DEVICE.type, torch.bfloat16, enabled=autocast):
-            return method.loss(student, batch)
-
+def assert_float32_under_bf16(first_step):
+    """``first_step(autocast)`` -> terms: every term float32, finite, and close to the fp32 value."""
     plain, mixed = first_step(False), first_step(True)
     for key, value in mixed.items():
         assert value.dtype == torch.float32 and torch.isfinite(value)
         assert value.item() == pytest.approx(plain[key].item(), rel=0.05, abs=1e-3), key
+
+
+def test_terms_stay_float32_under_bf16_autocast():
+    def first_step(autocast):
+        torch.manual_seed(7)
+        method, student, batch = build_method("mixup"), Recorder(16, 5), group_batch(6, 2, 5)
+        with torch.autocast(DEVICE.type, torch.bfloat16, enabled=autocast):
+            return method.loss(student, batch)
+
+    assert_float32_under_bf16(first_step)
 
 
 def test_bad_options_are_user_errors():
@@ -385,21 +242,17 @@ def test_bad_options_are_user_errors():
         ("cutmix", {"max_groups": 0}),
         ("logit-mse", {"reduction": "sum"}),
         ("logit-mse", {"ref_classes": 0}),
-        ("crd", {"positive": "class"}),
-        ("crd", {"momentum": 1.0}),
-        ("crd", {"on": ""}),
     ]:
         with pytest.raises(FtikdError):
             build_method(name, **opts)
-    assert build_method("crd", on="embedding").teacher_features == ("embedding",)
 
 
 # ----------------------------------------------------------------------------------- runs, budget
 
 
-@pytest.mark.parametrize("method", ["mixup3", "cutmix", "crd"])
-def test_resumed_training_matches_uninterrupted(tmp_path, digits, method):
-    """Mixing draws and CRD's memory, Z and pending update all come back from the checkpoint."""
+def resume_matches_uninterrupted(tmp_path, digits, method, opts=None):
+    """Train 4 pseudo-epochs straight, and 2 then 2 resumed from the checkpoint: the same history
+    (a phase end included) and the same weights."""
     n = 80
     data = TrainData(
         train_images=digits.train_images[:n],
@@ -416,9 +269,8 @@ def test_resumed_training_matches_uninterrupted(tmp_path, digits, method):
         torch.manual_seed(0)
         student = build_model("resnet8", in_channels=1, num_classes=10)
         cfg = TrainConfig(max_epochs=max_epochs, patience=1, phases=3)
-        opts = {"num_negatives": 500} if method == "crd" else {}
         result = fit(
-            student, build_method(method, **opts), data, cfg, 1, checkpoint=checkpoint, resume=resume
+            student, build_method(method, **(opts or {})), data, cfg, 1, checkpoint=checkpoint, resume=resume
         )
         return [{k: v for k, v in h.items() if k != "time_s"} for h in result.history], student.state_dict()
 
@@ -427,6 +279,12 @@ def test_resumed_training_matches_uninterrupted(tmp_path, digits, method):
     resumed, resumed_weights = run(4, tmp_path / "b.pt", resume=True)
     assert resumed == full and any(h.get("phase_end") for h in full)
     assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("method", ["mixup3", "cutmix"])
+def test_resumed_training_matches_uninterrupted(tmp_path, digits, method):
+    """The mixing draws come back from the checkpoint."""
+    resume_matches_uninterrupted(tmp_path, digits, method)
 
 
 class CountingTeacher(Teacher):
@@ -467,11 +325,14 @@ def test_mixing_run_pays_exactly_n_teacher_calls(tmp_path, digits, digits_teache
         ("mixup3", []),
         ("cutmix", []),
         ("logit-mse", []),
-        ("crd", []),
-        ("crd", ["on=embedding"]),
     ],
 )
 def test_cli_one_pseudo_epoch(tmp_path, digits_teacher, capsys, method, opts):
+    cli_one_pseudo_epoch(tmp_path, digits_teacher, capsys, method, opts)
+
+
+def cli_one_pseudo_epoch(tmp_path, digits_teacher, capsys, method, opts):
+    """``ftikd distill --method METHOD`` for one pseudo-epoch on digits with 80 paid calls."""
     args = ["distill", "--dataset", "digits", "--teacher", str(digits_teacher), "--method", method]
     args += [a for opt in opts for a in ("--opt", opt)]
     args += ["--calls", "80", "--max-epochs", "1", "--out", str(tmp_path / "runs"), "--no-progress"]
