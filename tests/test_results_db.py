@@ -191,3 +191,40 @@ def test_two_sweeps_on_one_database_share_the_work(tmp_path, digits_teacher, pro
         rows = db.rows("kill")
     assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}
     assert {r["attempts"] for r in rows} == {1}  # no config ran twice
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads worker states from /proc")
+def test_sigterm_to_a_sweep_stops_its_worker_pool(tmp_path, digits_teacher, procs):
+    yaml_path, db_path = sweep_file(tmp_path, digits_teacher, 10**4)
+    spec = yaml.safe_load(yaml_path.read_text())
+    spec["train"]["patience"] = 10**4  # runs that would train for many minutes
+    yaml_path.write_text(yaml.safe_dump(spec))
+    cmd = [sys.executable, "-m", "ftikd", "sweep", str(yaml_path), "--no-progress", "--workers", "2"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    procs.append(proc)
+
+    def both_workers_running():
+        if not db_path.exists():
+            return False
+        with ResultsDB(db_path) as db:
+            return len(db.rows("kill", "running")) == 2
+
+    assert wait_for(both_workers_running, proc, timeout=120), proc.stderr.read() if proc.poll() else ""
+    with ResultsDB(db_path) as db:
+        workers = [int(r["claimed_by"].rsplit(":", 1)[1]) for r in db.rows("kill", "running")]
+    assert proc.pid not in workers
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)  # before, they trained on with their parent gone

@@ -12,8 +12,10 @@ teachers, stores and checkpoints, must be: a shared file system).
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,8 +83,14 @@ class _Heartbeat:
         self.thread.join()
 
 
-def worker_loop(db_path: str | Path, sweep: str, opts: ExecOptions, threads: int | None = None) -> int:
-    """Claim and run jobs of ``sweep`` until none is left; returns how many this worker finished."""
+def worker_loop(
+    db_path: str | Path, sweep: str, opts: ExecOptions, threads: int | None = None, parent: int | None = None
+) -> int:
+    """Claim and run jobs of ``sweep`` until none is left; returns how many this worker finished.
+
+    With ``parent`` (the sweep's pid), a worker whose sweep died (even by SIGKILL) finishes the run
+    it holds and claims no more, so an orphaned pool does not go on running the sweep alone.
+    """
     import json
 
     import torch
@@ -91,7 +99,9 @@ def worker_loop(db_path: str | Path, sweep: str, opts: ExecOptions, threads: int
         torch.set_num_threads(threads)
     claimer, finished = worker_id(), 0
     with ResultsDB(db_path) as db:
-        while (row := db.claim(sweep, claimer, opts.stale_s, opts.retry_failed)) is not None:
+        while (parent is None or os.getppid() == parent) and (
+            row := db.claim(sweep, claimer, opts.stale_s, opts.retry_failed)
+        ) is not None:
             beat = _Heartbeat(Path(db_path), row["key"], claimer, opts.heartbeat_s)
             try:
                 record = execute(json.loads(row["config"]), on_resume=lambda k=row["key"]: db.mark_resumed(k))
@@ -116,6 +126,19 @@ def worker_threads(workers: int) -> int:
     return min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads
 
 
+def _exit_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM raise SystemExit here (so the pool's ``finally`` stops the workers, as Ctrl-C
+    does); returns what puts the previous handler back. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def run_local(db_path: Path, sweep: str, opts: ExecOptions) -> None:
     """Run the sweep's jobs here: in this process for one worker, else in ``workers`` spawned processes."""
     import multiprocessing
@@ -133,17 +156,19 @@ def run_local(db_path: Path, sweep: str, opts: ExecOptions) -> None:
         return
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=worker_loop, args=(str(db_path), sweep, opts, threads))
+        ctx.Process(target=worker_loop, args=(str(db_path), sweep, opts, threads, os.getpid()))
         for _ in range(opts.workers)
     ]
     for p in procs:
         p.start()
+    restore = _exit_on_sigterm()
     try:
         while any(p.is_alive() for p in procs):
             bar.update()
             for p in procs:
                 p.join(timeout=2.0 / len(procs))
     finally:
+        restore()
         for p in procs:
             if p.is_alive():
                 p.terminate()
