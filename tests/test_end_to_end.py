@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from counting_teacher import CountingTeacher
 
 from ftikd.cli import main
 from ftikd.engine.trainer import TrainConfig
@@ -33,19 +34,6 @@ def test_teacher_checkpoint_has_metadata_and_learns(teacher_path):
     meta = read_checkpoint_meta(teacher_path)
     assert meta["arch"] == "resnet8" and meta["dataset"] == "digits" and len(meta["fingerprint"]) >= 16
     assert meta["test_acc"] > 60.0
-
-
-class CountingTeacher(Teacher):
-    """The checkpoint teacher, counting the images it is really called on."""
-
-    def __init__(self, base: Teacher):
-        self.seen = 0
-
-        def fn(x):
-            self.seen += x.shape[0]
-            return base(x)
-
-        super().__init__(fn, base.fingerprint, base.name)
 
 
 def test_every_method_within_budget_and_store_shared(tmp_path, digits, teacher_path):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from counting_teacher import CountingTeacher
 
 from ftikd.cli import main
 from ftikd.data import normalize
@@ -339,19 +340,6 @@ def test_methods_needing_other_features_share_an_out_folder(tmp_path, teacher_pa
         stores.add(record["teacher_calls"]["store"])
         assert record["teacher_calls"]["paid_this_run"] == (0 if name == "dist" else 40)
     assert len(stores) == 3  # kd and dist share the logits store
-
-
-class CountingTeacher(Teacher):
-    """The checkpoint teacher with features, counting the images it is really called on."""
-
-    def __init__(self, base: Teacher):
-        self.seen = 0
-
-        def fn(x):
-            self.seen += x.shape[0]
-            return base(x)
-
-        super().__init__(fn, base.fingerprint, base.name, base.feature_names)
 
 
 @pytest.mark.parametrize("name", METHODS)

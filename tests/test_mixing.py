@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from counting_teacher import CountingTeacher
 from torch import nn
 
 from ftikd.cli import main
@@ -285,19 +286,6 @@ def resume_matches_uninterrupted(tmp_path, digits, method, opts=None):
 def test_resumed_training_matches_uninterrupted(tmp_path, digits, method):
     """The mixing draws come back from the checkpoint."""
     resume_matches_uninterrupted(tmp_path, digits, method)
-
-
-class CountingTeacher(Teacher):
-    """The checkpoint teacher, counting the images it is really called on."""
-
-    def __init__(self, base: Teacher):
-        self.seen = 0
-
-        def fn(x):
-            self.seen += x.shape[0]
-            return base(x)
-
-        super().__init__(fn, base.fingerprint, base.name)
 
 
 @pytest.mark.parametrize("method", ["mixup", "cutmix"])

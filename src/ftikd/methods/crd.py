@@ -118,10 +118,11 @@ def draw_contrast(
     u = torch.minimum(u, size - 1).add_(rows * n)  # uniform pool position, offset by the anchor's row
     at_pool = torch.bincount(u.reshape(-1), minlength=b * n).reshape(b, n)
     # pool position p -> position in ``order``: skip the unknown block, then the anchor's class block
-    p = torch.arange(n, device=dev)[None, :] + torch.where(has_pool, counts[0], 0)[:, None]
+    positions = torch.arange(n, device=dev)[None, :]
+    p = positions + torch.where(has_pool, counts[0], 0)[:, None]
     p = p + torch.where(has_pool, own, 0)[:, None] * (p >= lo[:, None])
     in_order = torch.zeros(b, n, dtype=at_pool.dtype, device=dev)
-    valid = torch.arange(n, device=dev)[None, :] < size
+    valid = positions < size
     in_order.scatter_add_(1, torch.where(valid, p, 0), torch.where(valid, at_pool, 0))
     drawn = torch.zeros_like(in_order).scatter_(1, order.expand(b, n), in_order)  # order position -> row
     if k <= n:
