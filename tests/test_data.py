@@ -1,4 +1,4 @@
-"""Tests for ftikd.data: file readers (in their real on-disk formats), registry, augmentation, split."""
+"""Tests for ftikd.data: IDX and CIFAR readers in their on-disk formats, pickle safety, registry."""
 
 from __future__ import annotations
 
@@ -12,28 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
 from ftikd.data import (
-    FTISplit,
     ImageDataset,
-    Normalizer,
     available_datasets,
-    crop_flip_with_params,
-    fti_split,
     load_dataset,
-    normalize,
-    random_crop_flip,
     register_dataset,
-    view_crop_flip,
-    view_params,
 )
 from ftikd.data import datasets as datasets_mod
 from ftikd.data.cifar import RestrictedUnpickler, safe_load_pickle
-from ftikd.data.folder import channel_stats, load_image_folder
+from ftikd.data.folder import channel_stats
 from ftikd.data.idx import load_idx_pair, read_idx
 from ftikd.errors import FtikdError
 
@@ -347,89 +336,6 @@ def test_cifar_errors(tmp_path):
         load_dataset("cifar10", data_dir=tmp_path)
 
 
-# ------------------------------------------------------------------------------------------- folder
-
-
-def make_folder(root: Path, per_class: int = 5, gray: bool = False) -> None:
-    colors = {"cat": (255, 0, 0), "dog": (0, 255, 0), "emu": (0, 0, 255)}
-    for ci, (cls, rgb) in enumerate(colors.items()):
-        for k in range(per_class):
-            size = (20 + 7 * k, 15 + 5 * ci)  # varied sizes and aspect ratios
-            if gray:
-                make_png(root / cls / f"{k}.png", size, 60 * ci + k, mode="L")
-            else:
-                make_png(root / cls / f"{k}.png", size, rgb)
-    (root / "cat" / "notes.txt").write_text("not an image")  # ignored: not an image extension
-
-
-def test_folder_holdout_split(tmp_path):
-    make_folder(tmp_path / "imgs")
-    ds = load_dataset(f"folder:{tmp_path / 'imgs'}")
-    assert ds.classes == ["cat", "dog", "emu"]
-    assert ds.train_images.shape == (12, 3, 32, 32) and ds.test_images.shape == (3, 3, 32, 32)
-    assert ds.train_images.dtype == torch.uint8 and ds.train_labels.dtype == torch.int64
-    assert torch.bincount(ds.test_labels).tolist() == [1, 1, 1]
-    # each class is a solid colour, so every pixel must be that colour after resize/crop
-    for x, y in zip(ds.train_images, ds.train_labels, strict=True):
-        expect = torch.zeros(3, dtype=torch.uint8)
-        expect[int(y)] = 255
-        assert torch.equal(x, expect[:, None, None].expand(3, 32, 32))
-    mean, std = channel_stats(ds.train_images)
-    assert ds.mean == mean and ds.std == std
-    again = load_image_folder(tmp_path / "imgs")
-    assert torch.equal(again.test_images, ds.test_images) and torch.equal(again.train_labels, ds.train_labels)
-
-
-def test_folder_grayscale_and_size(tmp_path):
-    make_folder(tmp_path / "g", gray=True)
-    ds = load_image_folder(tmp_path / "g", image_size=8)
-    assert ds.train_images.shape[1:] == (1, 8, 8)
-    assert ds.channels == 1 and ds.image_size == (8, 8)
-
-
-def test_folder_centre_crop(tmp_path):
-    # 60x20 image: left third red, middle green, right third blue -> centre crop keeps only green
-    img = np.zeros((20, 60, 3), np.uint8)
-    img[:, :20, 0] = 255
-    img[:, 20:40, 1] = 255
-    img[:, 40:, 2] = 255
-    (tmp_path / "f" / "a").mkdir(parents=True)
-    Image.fromarray(img).save(tmp_path / "f" / "a" / "x.png")
-    ds = load_image_folder(tmp_path / "f", image_size=10)
-    x = ds.train_images[0]
-    assert x.shape == (3, 10, 10)
-    assert (x[1, :, 2:-2] == 255).all() and (x[0, :, 2:-2] == 0).all() and (x[2, :, 2:-2] == 0).all()
-
-
-def test_folder_train_test_subfolders(tmp_path):
-    for split, n in (("train", 3), ("test", 2)):
-        for cls, col in (("a", (255, 255, 255)), ("b", (0, 0, 0))):
-            for k in range(n):
-                make_png(tmp_path / "d" / split / cls / f"{k}.jpg", (40, 30), col)
-    ds = load_dataset("folder", data_dir=tmp_path / "d")
-    assert ds.classes == ["a", "b"]
-    assert ds.train_images.shape[0] == 6 and ds.test_images.shape[0] == 4
-    assert ds.test_labels.tolist() == [0, 0, 1, 1]
-
-
-def test_folder_errors(tmp_path):
-    with pytest.raises(FtikdError, match="does not exist"):
-        load_dataset(f"folder:{tmp_path / 'nope'}")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FtikdError, match="no class subfolders"):
-        load_image_folder(tmp_path / "empty")
-    make_folder(tmp_path / "d1", per_class=2)
-    (tmp_path / "d1" / "zebra").mkdir()
-    with pytest.raises(FtikdError, match="zebra"):
-        load_image_folder(tmp_path / "d1")
-    make_folder(tmp_path / "d2", per_class=2)
-    (tmp_path / "d2" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(FtikdError, match="broken.png"):
-        load_image_folder(tmp_path / "d2")
-    with pytest.raises(FtikdError, match="folder:PATH"):
-        load_dataset("folder")
-
-
 # ---------------------------------------------------------------------------------- digits/registry
 
 
@@ -472,166 +378,3 @@ def test_register_dataset(monkeypatch):
     assert "tiny" in available_datasets() and load_dataset("tiny") is tiny
     with pytest.raises(ValueError, match="already registered"):
         register_dataset("tiny")(_tiny)
-
-
-# ------------------------------------------------------------------------------------- augmentation
-
-
-def naive_crop_flip(x, dy, dx, flip, padding):
-    """Reference: pad, crop each sample at its offset, flip it if asked (a per-sample loop)."""
-    h, w = x.shape[-2:]
-    xp = F.pad(x, (padding,) * 4)
-    out = []
-    for i in range(x.shape[0]):
-        c = xp[i, :, int(dy[i]) : int(dy[i]) + h, int(dx[i]) : int(dx[i]) + w]
-        out.append(c.flip(-1) if flip is not None and bool(flip[i]) else c)
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
-@pytest.mark.parametrize(
-    "shape, padding", [((16, 3, 32, 32), 4), ((9, 1, 28, 28), 4), ((7, 2, 10, 13), 2), ((5, 3, 6, 6), 0)]
-)
-def test_crop_flip_matches_naive_loop(dtype, shape, padding):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randint(1, 256, shape, generator=g).to(dtype)
-    b = shape[0]
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=g)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=g)
-    flip = torch.rand(b, generator=g) < 0.5
-    out = crop_flip_with_params(x, dy, dx, flip, padding)
-    assert out.dtype == dtype and out.shape == x.shape
-    assert torch.equal(out, naive_crop_flip(x, dy, dx, flip, padding))
-    no_flip = crop_flip_with_params(x, dy, dx, None, padding)
-    assert torch.equal(no_flip, naive_crop_flip(x, dy, dx, None, padding))
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    b=st.integers(1, 6),
-    c=st.integers(1, 3),
-    h=st.integers(1, 9),
-    w=st.integers(1, 9),
-    padding=st.integers(0, 5),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_crop_flip_property(b, c, h, w, padding, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (b, c, h, w), generator=g, dtype=torch.uint8)
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=g)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=g)
-    flip = torch.rand(b, generator=g) < 0.5
-    out = crop_flip_with_params(x, dy, dx, flip, padding)
-    assert torch.equal(out, naive_crop_flip(x, dy, dx, flip, padding))
-
-
-def test_crop_flip_rejects_bad_offsets():
-    x = torch.zeros(2, 1, 4, 4)
-    with pytest.raises(ValueError, match="offsets"):
-        crop_flip_with_params(x, torch.tensor([0, 9]), torch.tensor([0, 0]), None, 4)
-    with pytest.raises(ValueError, match="need 2"):
-        crop_flip_with_params(x, torch.tensor([0]), torch.tensor([0, 0]), None, 4)
-
-
-def test_random_crop_flip_shape_seed_and_flip_rate():
-    x = torch.arange(256 * 3 * 8 * 8, dtype=torch.float32).reshape(256, 3, 8, 8)
-    out = random_crop_flip(x, padding=0, generator=torch.Generator().manual_seed(0))
-    assert out.shape == x.shape and out.dtype == x.dtype
-    same = (out == x).flatten(1).all(1)
-    flipped = (out == x.flip(-1)).flatten(1).all(1)
-    assert bool((same ^ flipped).all())  # each sample is either untouched or exactly mirrored
-    assert 0.4 < flipped.float().mean().item() < 0.6
-    again = random_crop_flip(x, padding=0, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out, again)
-    assert torch.equal(random_crop_flip(x, padding=0, flip=False), x)
-
-
-def test_random_crop_offsets_cover_range():
-    # a single bright pixel at the centre of each padded image reveals the crop offset
-    b, p = 512, 4
-    x = torch.zeros(b, 1, 9, 9, dtype=torch.uint8)
-    x[:, :, 4, 4] = 255
-    out = random_crop_flip(x, padding=p, flip=False, generator=torch.Generator().manual_seed(1))
-    pos = out.flatten(1).argmax(1)
-    rows, cols = pos // 9, pos % 9
-    assert set(rows.tolist()) == set(range(9)) and set(cols.tolist()) == set(range(9))
-    assert (out.flatten(1).max(1).values == 255).all()
-
-
-def test_view_params_deterministic_and_order_independent():
-    idx = torch.arange(1000)
-    dy, dx, fl = view_params(idx, 0, (32, 32), 4, True)
-    assert dy.dtype == torch.int64 and fl.dtype == torch.bool
-    assert int(dy.min()) == 0 and int(dy.max()) == 8 and int(dx.min()) == 0 and int(dx.max()) == 8
-    assert 0.4 < fl.float().mean().item() < 0.6
-    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
-    dy2, dx2, fl2 = view_params(idx[perm][:100], 0, (32, 32), 4, True)
-    assert torch.equal(dy2, dy[perm][:100]) and torch.equal(dx2, dx[perm][:100])
-    assert torch.equal(fl2, fl[perm][:100])
-    dy3, dx3, fl3 = view_params(idx, 1, (32, 32), 4, True)
-    differs = (dy3 != dy) | (dx3 != dx) | (fl3 != fl)
-    assert differs.float().mean().item() > 0.9
-    assert not view_params(idx, 0, (32, 32), 4, False)[2].any()
-    # dy and dx are not trivially tied together
-    assert (dy == dx).float().mean().item() < 0.25
-    # huge indices (beyond 32 bits) are fine and still deterministic
-    big = torch.tensor([2**40 + 5, 2**40 + 5, 2**62])
-    bdy, bdx, _ = view_params(big, 3, (8, 8), 2, True)
-    assert bdy[0] == bdy[1] and bdx[0] == bdx[1] and int(bdy.max()) <= 4
-
-
-def test_view_crop_flip_is_batch_independent():
-    g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, 256, (40, 3, 12, 12), generator=g, dtype=torch.uint8)
-    idx = torch.arange(40)
-    full = view_crop_flip(data, idx, view=7, padding=2)
-    sub = torch.tensor([31, 2, 17])
-    assert torch.equal(view_crop_flip(data[sub], sub, view=7, padding=2), full[sub])
-    dy, dx, fl = view_params(idx, 7, (12, 12), 2, True)
-    assert torch.equal(full, naive_crop_flip(data, dy, dx, fl, 2))
-
-
-def test_normalize_and_normalizer():
-    x = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
-    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
-    y = normalize(x, mean, std)
-    ref = (x.double() / 255 - torch.tensor(mean, dtype=torch.double)[:, None, None]) / torch.tensor(
-        std, dtype=torch.double
-    )[:, None, None]
-    assert y.dtype == torch.float32 and torch.allclose(y.double(), ref, atol=1e-6)
-    norm = Normalizer(mean, std)
-    assert torch.allclose(norm(x), y, atol=1e-6)
-    xf = x.float()
-    before = xf.clone()
-    norm(xf)
-    assert torch.equal(xf, before)  # input untouched
-    assert normalize(x[0], mean, std).shape == (3, 5, 5)
-
-
-# -------------------------------------------------------------------------------------------- split
-
-
-def test_fti_split_properties():
-    s = fti_split(1000, 100, seed=5)
-    assert isinstance(s, FTISplit)
-    assert s.train_idx.dtype == torch.int64 and s.train_idx.shape == (100,) and s.val_idx.shape == (25,)
-    both = torch.cat([s.train_idx, s.val_idx])
-    assert both.unique().numel() == 125 and int(both.min()) >= 0 and int(both.max()) < 1000
-    torch.manual_seed(123)
-    torch.rand(10)
-    t = fti_split(1000, 100, seed=5)  # global RNG state does not matter
-    assert torch.equal(s.train_idx, t.train_idx) and torch.equal(s.val_idx, t.val_idx)
-    u = fti_split(1000, 100, seed=6)
-    assert not torch.equal(s.train_idx, u.train_idx)
-    with pytest.raises(AttributeError):
-        s.train_idx = t.train_idx  # frozen
-    exact = fti_split(5, 4, seed=0)  # n + n//4 == total is allowed
-    assert sorted(torch.cat([exact.train_idx, exact.val_idx]).tolist()) == [0, 1, 2, 3, 4]
-    assert fti_split(100, 7, 0).val_idx.numel() == 1
-
-
-def test_fti_split_errors():
-    with pytest.raises(FtikdError, match="use n >= 4"):
-        fti_split(100, 3, seed=0)
-    with pytest.raises(FtikdError, match=r"n=100 needs 125 samples but the training split has 120 .*--calls"):
-        fti_split(120, 100, seed=0)
