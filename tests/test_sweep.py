@@ -47,6 +47,7 @@ def test_presets_load_and_paper_grid_is_exact():
         "survey-cifar",
         "cpu-fashion",
         "cpu-fashion-whitebox",
+        "cpu-fashion-baselines",
     } <= set(preset_names())
     for name in preset_names():
         assert load_sweep(name).name == name
@@ -58,6 +59,10 @@ def test_presets_load_and_paper_grid_is_exact():
     names = {m.name for m in cpu.methods}
     assert {"ce", "kd", "ckd"} <= names and len(names - {"ce", "kd", "ckd"}) >= 4
     assert len(cpu.budgets) >= 4 and len(cpu.seeds) == 3 and len(cpu.lrs) >= 2
+    baselines = load_sweep("cpu-fashion-baselines")
+    issue10 = {"rkd", "rkd-d", "dist", "sp", "pkt", "cc", "mixup", "mixup3", "cutmix", "logit-mse", "crd"}
+    assert issue10 | {"ce", "kd", "ckd"} <= {m.name for m in baselines.methods}
+    assert baselines.budgets == [500, 1600] and baselines.seeds == [1, 2, 3] and len(baselines.lrs) == 2
     assert [o for m in load_sweep("paper-cifar100-k").methods for o in [m.options["k"]]] == [2, 3, 4, 5, 6]
 
 
