@@ -157,4 +157,4 @@ def test_cli_distill_and_methods(tmp_path, teacher_path, capsys):
     assert main(["methods"]) == 0
     listing = capsys.readouterr().out
     for name in ("ce", "kd", "ckd", "ckd-inbatch"):
-        assert f"\n{name} " in listing
+        assert f"\n{name}: " in listing

@@ -206,15 +206,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from ftikd.methods import available_methods, method_class
+    from ftikd.methods.catalogue import COLUMNS, catalogue, markdown_table
 
-    rows = [("name", "calls/sample", "teacher features", "summary")]
-    for name in available_methods():
-        cls = method_class(name)
-        rows.append((name, str(cls.call_cost), ",".join(cls.teacher_features) or "-", cls.summary))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    cards = catalogue()
+    if args.markdown:
+        print(markdown_table(cards), end="")
+        return 0
+    for card in cards:
+        print(f"{card.name}: {card.summary}")
+        for label, value in zip(COLUMNS[1:-1], card.cells()[1:-1], strict=True):
+            print(f"    {label:24s} {value}")
     return 0
 
 
@@ -366,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("methods", help="list the registered methods")
+    p.add_argument("--markdown", action="store_true", help="print the README's method table")
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("models", help="list the registered architectures")
     p.set_defaults(func=cmd_models)

@@ -64,6 +64,8 @@ class ATConfig(MethodConfig):
 @register_method
 class AT(Method):
     name = "at"
+    family = "feature"
+    reads = "student and cached teacher maps stage1-3"
     summary = "Attention transfer: CE + 1000 * MSE of L2-normalised spatial attention maps (cached teacher)"
     reference = "Zagoruyko & Komodakis, 2017, Paying More Attention to Attention"
     Config = ATConfig

@@ -72,6 +72,10 @@ class Method:
 
     Class attributes a subclass sets:
       ``name``, ``summary`` (one line for ``ftikd methods``), ``reference`` (paper);
+      ``family`` (logit, relational, feature, ...), ``reads`` (what its loss compares, at the default
+      options), ``extras`` (its extra trainable modules at the defaults, "" for none) and
+      ``calls_note`` (teacher calls when ``call_cost`` alone does not say it): the catalogue
+      (:mod:`ftikd.methods.catalogue`) that ``ftikd methods`` and the README's method table print;
       ``call_cost``: teacher calls per training sample (0: no teacher, 1: one cached call);
       ``teacher_features``: names of teacher features the method reads from the store;
       ``couples_batch_rows``: True when the loss compares rows of a batch with each other, so that
@@ -84,6 +88,10 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     reference: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    reads: ClassVar[str] = ""
+    extras: ClassVar[str] = ""
+    calls_note: ClassVar[str] = ""
     call_cost: ClassVar[int] = 1
     teacher_features: ClassVar[tuple[str, ...]] = ()
     couples_batch_rows: ClassVar[bool] = False

@@ -161,6 +161,9 @@ STEPS, SAMPLES, SPENT, CHARGED = 0, 1, 2, 3
 @register_method
 class BSS(Method):
     name = "bss"
+    calls_note = "1 per cached sample + paid attack forwards; n in all, never more"
+    family = "boundary"
+    reads = "logits; teacher outputs on attack images (paid queries)"
     summary = (
         "BSS: CE + scheduled soft-CE KD (T=4) + KD on teacher-boundary adversarial samples; each "
         "attack forward is a paid call (<= 11 per sample) from attack_share (0.2) of n"

@@ -34,6 +34,9 @@ class CCConfig(RelationalConfig):
 @register_method
 class CC(RelationalMethod):
     name = "cc"
+    family = "relational"
+    reads = "logits"
+    extras = "student and teacher linear embeddings (D -> 128)"
     summary = (
         "CC, relational: CE + KD + 0.02 * consecutive-pair congruence of trainable embeddings; on logits"
     )

@@ -12,6 +12,8 @@ from ftikd.methods.base import Batch, Method, register_method
 @register_method
 class CrossEntropy(Method):
     name = "ce"
+    family = "no teacher"
+    reads = "labels only"
     summary = "cross-entropy on labels only; spends no teacher calls"
     reference = "baseline"
     call_cost = 0

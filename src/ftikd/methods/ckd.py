@@ -89,6 +89,8 @@ def ckd_weighted_terms(
 @register_method
 class CKD(Method):
     name = "ckd"
+    family = "comparative"
+    reads = "logit differences between groups of k samples"
     summary = (
         "Comparative KD over groups of k samples (MSE or KL form); MSE summed over classes / 100, "
         "the same step at any class count (reduction=mean: the authors' class mean)"

@@ -21,6 +21,8 @@ from ftikd.methods.ckd import CKDLossConfig, ckd_weighted_terms
 @register_method
 class InBatchCKD(Method):
     name = "ckd-inbatch"
+    family = "comparative"
+    reads = "logit differences between all pairs of a batch"
     couples_batch_rows = True
     summary = (
         "ftikd variant (not the paper's): CKD over all pairs of a batch, one forward per image; "

@@ -117,6 +117,9 @@ class WhiteBoxCKD(CKD):
 @register_method
 class FitNetsCKD(WhiteBoxCKD):
     name = "fitnets-ckd"
+    family = "white-box CKD"
+    reads = "group differences of logits and of stage2 maps"
+    extras = "connector (conv, BN, ReLU)"
     summary = (
         "White-box CKD: ckd's logit terms + 100 * MSE(connector(student stage2 group difference), "
         "cached teacher difference)"
@@ -149,6 +152,9 @@ class FitNetsCKD(WhiteBoxCKD):
 @register_method
 class VIDCKD(WhiteBoxCKD):
     name = "vid-ckd"
+    family = "white-box CKD"
+    reads = "group differences of logits and of stage1-3 maps"
+    extras = "one variance head per layer"
     summary = (
         "White-box CKD: ckd's logit terms + VID NLL of cached teacher group differences given the "
         "student's, stage1..stage3"

@@ -217,6 +217,10 @@ class ComboConfig(MethodConfig):
 @register_method
 class Combo(Method):
     name = "combo"
+    calls_note = "the parts' maximum"
+    family = "combination"
+    reads = "what its parts read"
+    extras = "its parts' (default crd+vid: CRD heads and bank, VID heads)"
     summary = (
         "Several methods on one shared student forward, e.g. --opt parts=kd+at,at.w_at=100 "
         "(default crd+vid); CE and KD counted once"

@@ -233,6 +233,9 @@ class CRDMemory(nn.Module):
 @register_method
 class CRD(Method):
     name = "crd"
+    family = "contrastive"
+    reads = "logits"
+    extras = "student and teacher embedding heads; memory bank of n rows per side"
     summary = "CRD: NCE between student/teacher embeddings with a momentum memory bank (FTI: on logits)"
     reference = "Tian et al., 2019, Contrastive Representation Distillation; FTI setting: CKD (Xu et al.)"
     Config = CRDConfig

@@ -19,6 +19,8 @@ from ftikd.methods.mixup import FixedTeacherMixing, MixConfig
 @register_method
 class CutMix(FixedTeacherMixing):
     name = "cutmix"
+    family = "mixing"
+    reads = "logits of cut-and-pasted images"
     summary = (
         "CutMix, fixed teacher (the CKD paper's; not function matching): cached teacher outputs mixed by area"
     )

@@ -33,6 +33,8 @@ class DISTConfig(RelationalConfig):
 @register_method
 class DIST(RelationalMethod):
     name = "dist"
+    family = "relational"
+    reads = "logits"
     summary = (
         "DIST, relational: CE + KD + 2 * inter/intra-class Pearson of softened outputs (tau=4); on logits"
     )

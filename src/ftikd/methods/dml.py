@@ -88,6 +88,9 @@ class DMLConfig(MethodConfig):
 @register_method
 class DML(Method):
     name = "dml"
+    family = "online"
+    reads = "logits of every cohort member"
+    extras = "one peer student"
     summary = "Deep Mutual Learning: a cohort of 2 students, CE + T^2 mutual KL (T=4), no teacher"
     reference = "Zhang et al., 2018, Deep Mutual Learning"
     call_cost = 0

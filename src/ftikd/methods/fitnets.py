@@ -82,6 +82,9 @@ class FitNetsConfig(MethodConfig):
 @register_method
 class FitNets(Method):
     name = "fitnets"
+    family = "feature"
+    reads = "logits; student and cached teacher stage2 maps"
+    extras = "connector (conv, BN, ReLU)"
     summary = "FitNets: CE + KD + 100 * MSE(connector(student map), cached teacher hint at stage2)"
     reference = "Romero et al., 2015, FitNets: Hints for Thin Deep Nets"
     Config = FitNetsConfig

@@ -85,6 +85,8 @@ class FSPConfig(MethodConfig):
 @register_method
 class FSP(Method):
     name = "fsp"
+    family = "feature"
+    reads = "student and cached teacher maps stem, stage1-3"
     summary = "FSP: stage 1 matches flow matrices between consecutive maps (cached teacher), then CE"
     reference = "Yim et al., 2017, A Gift from Knowledge Distillation (FSP)"
     Config = FSPConfig

@@ -22,6 +22,8 @@ class KDConfig(MethodConfig):
 @register_method
 class KD(Method):
     name = "kd"
+    family = "logit"
+    reads = "logits"
     summary = "Hinton KD: CE + T^2 KL to softened cached teacher logits (T=4)"
     reference = "Hinton et al., 2015, Distilling the Knowledge in a Neural Network"
     Config = KDConfig

@@ -39,6 +39,8 @@ class LogitMSEConfig(MethodConfig):
 @register_method
 class LogitMSE(Method):
     name = "logit-mse"
+    family = "logit"
+    reads = "logits"
     summary = "ftikd baseline (not a paper's): CE + MSE to cached teacher logits, per-sample analogue of CKD"
     reference = "ftikd; the single-sample counterpart of CKD's MSE form (Xu et al.)"
     Config = LogitMSEConfig

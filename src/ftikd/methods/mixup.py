@@ -84,6 +84,8 @@ class MixupConfig(MixConfig):
 @register_method
 class Mixup(FixedTeacherMixing):
     name = "mixup"
+    family = "mixing"
+    reads = "logits of mixed images"
     summary = (
         "Mixup, fixed teacher (the CKD paper's; not function matching): targets mix cached teacher outputs"
     )
@@ -108,6 +110,8 @@ class Mixup3Config(MixupConfig):
 @register_method
 class Mixup3(Mixup):
     name = "mixup3"
+    family = "mixing"
+    reads = "logits of mixed images"
     summary = (
         "Mixup of 3 images, fixed teacher (the CKD paper's; not function matching), normalised U(0,1) weights"
     )

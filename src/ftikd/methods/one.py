@@ -123,6 +123,9 @@ class ONEConfig(MethodConfig):
 @register_method
 class ONE(Method):
     name = "one"
+    family = "online"
+    reads = "logits of every branch"
+    extras = "two more branches (last block group and classifier) and the gate"
     summary = (
         "ONE: 3-branch student, gated branch ensemble as online teacher (KL at T=3, ramp-up), no teacher"
     )

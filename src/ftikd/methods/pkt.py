@@ -26,6 +26,8 @@ class PKTConfig(RelationalConfig):
 @register_method
 class PKT(RelationalMethod):
     name = "pkt"
+    family = "relational"
+    reads = "logits"
     summary = "PKT, relational: CE + 30000 * KL of batch cosine-similarity distributions; on logits"
     reference = (
         "Passalis & Tefas, Learning Deep Representations with Probabilistic Knowledge Transfer (ECCV 2018)"

@@ -151,6 +151,8 @@ class RKDConfig(RelationalConfig):
 @register_method
 class RKD(RelationalMethod):
     name = "rkd"
+    family = "relational"
+    reads = "logits"
     summary = (
         "RKD, relational: CE + KD + distance (25) and angle (50) structure; on logits, class sampler m=5"
     )

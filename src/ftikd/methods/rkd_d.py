@@ -77,6 +77,8 @@ class FixedProjection(nn.Module):
 @register_method
 class RKDd(RelationalMethod):
     name = "rkd-d"
+    family = "relational"
+    reads = "logit differences of pairs, projected to d dims"
     summary = (
         "RKD_d, relational: CE + MSE of pair differences in a fixed orthonormal d=100 projection; on logits"
     )

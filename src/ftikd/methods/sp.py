@@ -26,6 +26,8 @@ class SPConfig(RelationalConfig):
 @register_method
 class SP(RelationalMethod):
     name = "sp"
+    family = "relational"
+    reads = "logits"
     summary = "SP, relational: CE + 3000 * match of row-normalised batch similarity matrices; on logits"
     reference = "Tung & Mori, Similarity-Preserving Knowledge Distillation (ICCV 2019)"
     Config = SPConfig

@@ -64,6 +64,9 @@ class VIDConfig(MethodConfig):
 @register_method
 class VID(Method):
     name = "vid"
+    family = "feature"
+    reads = "logits; student and cached teacher maps stage1-3"
+    extras = "one variance head per layer"
     summary = "VID: CE + KD + Gaussian NLL of cached teacher maps given the student's (heads per layer)"
     reference = "Ahn et al., 2019, Variational Information Distillation for Knowledge Transfer"
     Config = VIDConfig

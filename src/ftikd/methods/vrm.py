@@ -225,6 +225,9 @@ def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.
 @register_method
 class VRM(Method):
     name = "vrm"
+    calls_note = "1 per sample (strict); mode=original: + paid virtual views, n in all"
+    family = "virtual relations"
+    reads = "logits of real and RandAugment views"
     summary = (
         "VRM: CE(real+RandAugment view) + 128 ISV + 32 ICV cross-view unit-edge MSE, entropy-pruned; "
         "strict: 1 call/sample, original: paid teacher calls on virtual views"
