@@ -42,8 +42,7 @@ def calls_text(cls: type[Method]) -> str:
 
 def reads_text(cls: type[Method]) -> str:
     """``reads``, plus the ``on`` option where the method has one."""
-    fields = {f.name: f.default for f in dataclasses.fields(cls.Config)}
-    if "on" in fields:
+    if "on" in {f.name for f in dataclasses.fields(cls.Config)}:
         return f"{cls.reads} (`on=embedding` or a feature map: the original papers')"
     return cls.reads
 
