@@ -53,6 +53,8 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path, digits
     resumed = json.loads(paths.record.read_text())
     assert resumed["metrics"] == reference["metrics"]
     assert strip_times(resumed) == strip_times(reference)
+    # wall time counts the killed attempt's checkpointed training too, so it covers all training
+    assert resumed["wall_time_s"] >= resumed["train_time_s"] >= resumed["history"][-1]["time_s"]
     assert not paths.state.exists() and not paths.pending.exists()
     # resuming a finished run returns its record without training again
     again = run_distillation(cfg, progress=False, resume=True)

@@ -75,7 +75,8 @@ class FitResult:
     best_epoch: int
     epochs: int
     steps: int
-    wall_time_s: float
+    wall_time_s: float  # training time, earlier attempts' checkpointed time included
+    resumed_from_s: float = 0.0  # of which training time checkpointed by an earlier attempt
 
 
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
@@ -337,7 +338,8 @@ def fit(
         aug_generator.set_state(saved["aug_generator"])
         torch.set_rng_state(saved["torch_rng"])
         loop = LoopState(**json.loads(saved["loop"]))
-    started = time.perf_counter() - loop.elapsed_s
+    resumed_from_s = loop.elapsed_s
+    started = time.perf_counter() - resumed_from_s
     while loop.phase < cfg.phases and loop.epoch < cfg.max_epochs:
         lr = cfg.lr * cfg.lr_decay**loop.phase
         sums: dict[str, torch.Tensor] = {}
@@ -407,4 +409,5 @@ def fit(
         epochs=loop.epoch,
         steps=loop.epoch * epoch_steps,
         wall_time_s=time.perf_counter() - started,
+        resumed_from_s=resumed_from_s,
     )

@@ -258,7 +258,8 @@ def run_distillation(
         "teacher_calls": calls,
         "history": result.history,
         "processes": ctx.world_size,
-        "wall_time_s": round(time.perf_counter() - started, 3),
+        # a resumed run counts the training time its earlier attempts checkpointed
+        "wall_time_s": round(time.perf_counter() - started + result.resumed_from_s, 3),
         "train_time_s": round(result.wall_time_s, 3),
         "versions": library_versions(),
     }
