@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from feature_shapes import SHAPES
 
 from ftikd.cli import main
 from ftikd.methods import MethodContext, available_methods, build_method, method_class
@@ -14,13 +15,6 @@ from ftikd.models import build_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- methods-table", "<!-- /methods-table -->"
-SHAPES = {
-    "stem": (16, 8, 8),
-    "stage1": (16, 8, 8),
-    "stage2": (32, 4, 4),
-    "stage3": (64, 2, 2),
-    "embedding": (64,),
-}
 C = 10
 
 

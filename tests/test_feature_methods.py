@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from counting_teacher import CountingTeacher
+from feature_shapes import SHAPES
 
 from ftikd.cli import main
 from ftikd.data import normalize
@@ -192,16 +193,6 @@ def test_step_clock_counts_stage1_resumes_and_never_rewinds():
 
 
 # ---------------------------------------------------------------- methods on synthetic batches
-
-
-# per-sample feature shapes of resnet8 on 1x8x8 digits
-SHAPES = {
-    "stem": (16, 8, 8),
-    "stage1": (16, 8, 8),
-    "stage2": (32, 4, 4),
-    "stage3": (64, 2, 2),
-    "embedding": (64,),
-}
 
 
 def synthetic(method_name, labels=(0, 1, 1, 2, 2), **options):
