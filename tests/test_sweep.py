@@ -88,6 +88,20 @@ def test_keys_are_stable_and_ignore_paths(tmp_path, digits_teacher):
     assert len({j.config["run"]["out"] for j in expand(grown)}) == 24  # runs at two LRs never share files
 
 
+def test_keys_hash_the_resolved_method_config(tmp_path, digits_teacher):
+    """A default spelled out is the same run; the key holds every field, so a changed default is a new run."""
+    def ckd_keys(*methods):
+        return [j.key for j in expand(tiny(tmp_path, digits_teacher, methods=list(methods), seeds=[1]))]
+
+    from ftikd.methods import build_method
+
+    default_k = build_method("ckd").config.k
+    implicit, explicit, other = ckd_keys("ckd", f"ckd:k={default_k}", f"ckd:k={default_k + 1}")
+    assert implicit == explicit != other
+    job = expand(tiny(tmp_path, digits_teacher, methods=["ckd"], seeds=[1]))[0]
+    assert job.config["identity"]["options"]["k"] == default_k and job.options == {}
+
+
 def row(label, n, seed, lr, val, test):
     return {
         "status": "done",

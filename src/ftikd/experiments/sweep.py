@@ -54,6 +54,16 @@ class MethodSpec:
 
         return tuple(build_method(self.name, **self.options).teacher_features)
 
+    def resolved_options(self) -> dict[str, Any]:
+        """Every Config field of the method, the given options over its defaults.
+
+        Run keys hash this, not the options as typed: a run stored before a default changed must not be
+        reused for the new default (PKT's ``on`` is the case that showed the hazard).
+        """
+        from ftikd.methods import build_method
+
+        return dataclasses.asdict(build_method(self.name, **self.options).config)
+
     @classmethod
     def parse(cls, raw: Any, source: str) -> MethodSpec:
         """``"kd"``, ``"ckd:k=3,form=kl"`` or ``{name: ckd, options: {k: 3}}``."""
@@ -296,7 +306,7 @@ def _job(
         "teacher": teacher["identity"],
         "student": pair.student,
         "method": spec.name,
-        "options": spec.options,
+        "options": spec.resolved_options(),
         "n": n,
         "seed": seed,
         "lr": lr,
