@@ -8,6 +8,7 @@ import yaml
 import ftikd.teacher.train as teacher_train
 from ftikd.analysis.report import select_lr
 from ftikd.cli import main
+from ftikd.engine.config import TrainConfig
 from ftikd.errors import FtikdError
 from ftikd.experiments.db import ResultsDB
 from ftikd.experiments.presets import preset_names
@@ -48,6 +49,7 @@ def test_presets_load_and_paper_grid_is_exact():
         "cpu-fashion",
         "cpu-fashion-whitebox",
         "cpu-fashion-baselines",
+        "ckd-fidelity-100way",
     } <= set(preset_names())
     for name in preset_names():
         assert load_sweep(name).name == name
@@ -63,6 +65,9 @@ def test_presets_load_and_paper_grid_is_exact():
     issue10 = {"rkd", "rkd-d", "dist", "sp", "pkt", "cc", "mixup", "mixup3", "cutmix", "logit-mse", "crd"}
     assert issue10 | {"ce", "kd", "ckd"} <= {m.name for m in baselines.methods}
     assert baselines.budgets == [500, 1600] and baselines.seeds == [1, 2, 3] and len(baselines.lrs) == 2
+    fidelity = load_sweep("ckd-fidelity-100way")
+    assert fidelity.dataset == "cifar100" and fidelity.seeds == list(range(1, 11))
+    assert fidelity.train_config(0.05).phases == TrainConfig().phases  # the full protocol, not the demo's
     assert [o for m in load_sweep("paper-cifar100-k").methods for o in [m.options["k"]]] == [2, 3, 4, 5, 6]
 
 
