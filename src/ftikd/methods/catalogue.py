@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ftikd.methods.base import Method, available_methods, method_class
+from ftikd.methods.representation import LOGITS
 
 COLUMNS = ("method", "family", "reads", "extra trainable modules", "teacher calls", "paper", "what it does")
 
@@ -41,10 +42,12 @@ def calls_text(cls: type[Method]) -> str:
 
 
 def reads_text(cls: type[Method]) -> str:
-    """``reads``, plus the ``on`` option where the method has one."""
-    if "on" in {f.name for f in dataclasses.fields(cls.Config)}:
+    """``reads``, plus the other values of the ``on`` option where the method has one."""
+    if "on" not in {f.name for f in dataclasses.fields(cls.Config)}:
+        return cls.reads
+    if cls.Config().on == LOGITS:
         return f"{cls.reads} (`on=embedding` or a feature map: the original papers')"
-    return cls.reads
+    return f"{cls.reads} (`on=logits`: the CKD paper's black-box setting; or a feature map)"
 
 
 def method_card(name: str) -> MethodCard:

@@ -19,6 +19,7 @@ from ftikd.methods.base import Batch, MethodContext, forward_student
 from ftikd.models.base import ModelOutput
 
 LOGITS = "logits"
+EMBEDDING = "embedding"
 
 
 def check_representation(on: str) -> None:
