@@ -284,7 +284,9 @@ def test_on_feature_requests_that_teacher_feature():
         assert build_method(name, on="logits").teacher_features == ()
         assert build_method(name, on="embedding").teacher_features == ("embedding",)
     # PKT's weight belongs to the embedding (M14), so it is the one relational method read there by default
-    defaults = {name: build_method(name).teacher_features for name in ("rkd", "rkd-d", "dist", "sp", "pkt", "cc")}
+    defaults = {
+        name: build_method(name).teacher_features for name in ("rkd", "rkd-d", "dist", "sp", "pkt", "cc")
+    }
     assert defaults == {"rkd": (), "rkd-d": (), "dist": (), "sp": (), "pkt": ("embedding",), "cc": ()}
     assert (
         build_method("rkd-d").config.w_kd == 0.0 and build_method("rkd-d", pairs="inbatch").config.w_kd == 1.0

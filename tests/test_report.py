@@ -38,8 +38,9 @@ def test_reduction_against_the_best_non_ckd_method():
     assert rows[3] == ["ckd", "3.50"]
 
 
-def fake_db(path, dataset, pair, accs):
-    """A results DB with done runs: accs[(method, n, lr)] = [(val, test) per seed]."""
+def fake_db(path, dataset, pair, accs, teacher=lambda key: "fp0"):
+    """A results DB with done runs: accs[(method, n, lr)] = [(val, test) per seed]; ``teacher(key)``
+    is the fingerprint each run records."""
     with ResultsDB(path) as db:
         jobs, records = [], {}
         for (method, n, lr), per_seed in accs.items():
@@ -50,7 +51,11 @@ def fake_db(path, dataset, pair, accs):
                 records[key] = {
                     "metrics": {"best_val_acc": val, "test_top1": test},
                     "wall_time_s": 1.0,
-                    "teacher_calls": {"paid_this_run": used, "outputs_used": used},
+                    "teacher_calls": {
+                        "paid_this_run": used,
+                        "outputs_used": used,
+                        "teacher_fingerprint": teacher(key),
+                    },
                 }
         db.add_jobs("s", jobs)
         while (row := db.claim("s", "h:1")) is not None:
@@ -92,3 +97,19 @@ def test_report_cli_and_its_errors(tmp_path, capsys):
     assert "No published setting matches" in report or "No paper-tables folder found" in report
     assert main(["report", str(tmp_path / "r.sqlite"), "--sweep", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "no sweep 'nope'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_report_refuses_a_table_whose_runs_read_different_teachers(tmp_path, capsys):
+    # a sweep resumed on another machine without its teacher checkpoint retrains the teacher under
+    # the same run keys; the report must not set those runs beside the first teacher's
+    grid = {("kd", 80, 0.05): [(50, 40), (52, 41)], ("ckd", 80, 0.05): [(55, 45), (56, 46)]}
+    fake_db(
+        tmp_path / "r.sqlite", "digits", "a->b", grid, teacher=lambda key: "fpB" if "ckd" in key else "fpA"
+    )
+    argv = ["report", str(tmp_path / "r.sqlite"), "--out", str(tmp_path / "rep")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "2 different teachers (fpA, fpB)" in err and "a->b" in err
+    assert not (tmp_path / "rep").exists()
+    fake_db(tmp_path / "same.sqlite", "digits", "a->b", grid)
+    assert main(["report", str(tmp_path / "same.sqlite"), "--out", str(tmp_path / "ok")]) == 0

@@ -95,6 +95,7 @@ def test_keys_are_stable_and_ignore_paths(tmp_path, digits_teacher):
 
 def test_keys_hash_the_resolved_method_config(tmp_path, digits_teacher):
     """A default spelled out is the same run; the key holds every field, so a changed default is a new run."""
+
     def ckd_keys(*methods):
         return [j.key for j in expand(tiny(tmp_path, digits_teacher, methods=list(methods), seeds=[1]))]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import statistics
 from collections import defaultdict
@@ -102,6 +103,29 @@ def select_lr(rows: list[Any]) -> list[Selected]:
             )
         )
     return sorted(out, key=lambda s: (s.pair, s.n))
+
+
+def check_one_teacher_per_pair(rows: list[Any]) -> None:
+    """Refuse a table that would set runs of different teachers side by side.
+
+    A sweep that trains its teacher keys runs by the teacher's recipe, so a database carried to
+    another machine and resumed there without the sweep's teacher checkpoint gets a retrained
+    teacher under the same keys. Every finished run records the fingerprint of the teacher it read
+    (``teacher_calls.teacher_fingerprint``); all runs of one (dataset, pair) must share it.
+    """
+    seen: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for r in rows:
+        if r["status"] == "done" and r["record"]:
+            fp = (json.loads(r["record"]).get("teacher_calls") or {}).get("teacher_fingerprint")
+            if fp:
+                seen[(r["dataset"], r["pair"])].add(fp)
+    for (dataset, pair), fps in seen.items():
+        if len(fps) > 1:
+            raise FtikdError(
+                f"runs of {pair} on {dataset} read {len(fps)} different teachers ({', '.join(sorted(fps))}); "
+                "report one teacher's runs (--sweep), or resume the sweep with its own teacher checkpoint "
+                "in <out>/teachers/"
+            )
 
 
 def markdown(rows: list[list[str]]) -> str:
@@ -228,6 +252,7 @@ def write_report(
     """
     db_path, out = Path(db_path), Path(out)
     rows, counts = _read_db(db_path, sweep)
+    check_one_teacher_per_pair(rows)
     cells = select_lr(rows)
     if not cells:
         raise FtikdError(f"no finished runs in {db_path}; run (or finish) the sweep first")
