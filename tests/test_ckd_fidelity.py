@@ -297,6 +297,7 @@ def test_reference_pipeline_benchmark_runs_on_a_small_cifar100_folder(tmp_path):
     save_checkpoint(build_model("resnet8", in_channels=3, num_classes=100), teacher, meta)
     out = tmp_path / "r.json"
     argv = ["--data-dir", str(tmp_path), "--teacher", str(teacher), "--n", "40", "--patience", "1"]
+    argv += ["--threads", str(torch.get_num_threads())]  # the script sets it: leave later tests theirs
     bench.main([*argv, "--max-epochs", "4", "--out", str(out)])
     result = json.loads(out.read_text())
     assert 1 <= result["epochs"] <= 4 and len(result["val_curve"]) == result["epochs"]
