@@ -193,7 +193,7 @@ def test_teacher_trains_once_under_the_lock(tmp_path, monkeypatch):
 def test_sweep_runs_then_a_grown_sweep_reruns_nothing(tmp_path, digits_teacher):
     cfg = tiny(tmp_path, digits_teacher)
     counts = run_sweep(cfg, progress=False)
-    assert counts == {"pending": 0, "running": 0, "done": 4, "failed": 0}
+    assert counts == {"pending": 0, "running": 0, "done": 4, "failed": 0, "waiting": 0}
     with ResultsDB(cfg.db_path) as db:
         first = {r["key"]: r["finished"] for r in db.rows("tiny")}
     grown = tiny(tmp_path, digits_teacher, methods=["ce", "kd", "ckd"], seeds=[1, 2])

@@ -21,6 +21,7 @@ _GRID_FLAGS = {
     "budgets": ("budgets", False),
     "seeds": ("seeds", False),
     "lrs": ("lrs", False),
+    "choose_lr_at": ("choose_lr_at", False),
     "targets": ("targets", False),
     "out": ("out", False),
     "db": ("db", False),
@@ -59,7 +60,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         jobs = prepare(cfg, f"sweep {cfg.name}")
         print(f"sweep {cfg.name}: {len(jobs)} runs -> {cfg.db_path}")
         for job in jobs:
-            print(f"{job.key}  {job.pair}  {job.label}  n={job.n}  seed={job.seed}  lr={job.lr:g}")
+            carried = cfg.choose_lr_at is not None and job.n != cfg.choose_lr_at
+            note = f"  (runs if chosen at n={cfg.choose_lr_at})" if carried else ""
+            print(f"{job.key}  {job.pair}  {job.label}  n={job.n}  seed={job.seed}  lr={job.lr:g}{note}")
         return 0
     counts = run_sweep(
         cfg,
@@ -69,9 +72,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         retry_failed=args.retry_failed,
     )
+    waiting = ""
+    if counts["waiting"]:
+        waiting = f", {counts['waiting']} wait for an LR choice at n={cfg.choose_lr_at}"
     print(
         f"sweep {cfg.name}: {counts['done']} done, {counts['failed']} failed, "
-        f"{counts['pending'] + counts['running']} left -> {cfg.db_path}"
+        f"{counts['pending'] + counts['running']} left{waiting} -> {cfg.db_path}"
     )
     return 0 if counts["failed"] == 0 else 1
 
@@ -106,6 +112,12 @@ def add_sweep_commands(sub: Any) -> None:
     g.add_argument("--budgets", nargs="+", type=int, help="teacher-call budgets n")
     g.add_argument("--seeds", nargs="+", type=int)
     g.add_argument("--lrs", nargs="+", type=float, help="learning rates searched per (method, pair, n)")
+    g.add_argument(
+        "--choose-lr-at",
+        type=int,
+        metavar="N",
+        help="search the LRs at budget N only; run the other budgets at each method's LR chosen there",
+    )
     g.add_argument("--targets", nargs="+", type=float, help="accuracies for the calls-to-target table")
     g.add_argument("--out", help="sweep folder: teachers, stores, run checkpoints")
     g.add_argument("--db", help="results database (default <out>/results.sqlite)")

@@ -25,6 +25,7 @@ from ftikd.analysis.summary import Cell
 from ftikd.analysis.targets import EXPLANATION, calls_to_target, table_rows
 from ftikd.errors import FtikdError
 from ftikd.experiments.db import ResultsDB
+from ftikd.experiments.lr_choice import best_lr, mean_val_by_lr
 from ftikd.fileio import atomic_write_text
 
 # Our names -> the CKD paper's, for the published-number comparison ([S0] Tables 5-6, [S2] Table 1).
@@ -75,8 +76,9 @@ class Selected:
 def select_lr(rows: list[Any]) -> list[Selected]:
     """Per (method label, pair, n): the LR with the highest mean validation top-1 over seeds ([S0] A.1).
 
-    Only finished runs count; on a tie the LR met first in the database wins. The sweep runs every LR;
-    the choice is made here, when results are read.
+    Only finished runs count; on a tie the LR met first in the database wins. The sweep runs every LR
+    (or, with ``choose_lr_at``, one LR at the other budgets); the choice is made here, when results
+    are read.
     """
     groups: dict[tuple, dict[float, list]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -84,8 +86,8 @@ def select_lr(rows: list[Any]) -> list[Selected]:
             groups[(r["label"], r["method"], r["pair"], r["dataset"], r["n"])][r["lr"]].append(r)
     out = []
     for (label, method, pair, dataset, n), by_lr in groups.items():
-        lr_val = {lr: statistics.fmean(x["val_acc"] for x in runs) for lr, runs in by_lr.items()}
-        best = max(lr_val, key=lambda lr: lr_val[lr])
+        lr_val = mean_val_by_lr(r for runs in by_lr.values() for r in runs)
+        best = best_lr(lr_val)
         runs = sorted(by_lr[best], key=lambda x: x["seed"])
         out.append(
             Selected(
@@ -144,11 +146,16 @@ def write_table(rows: list[list[str]], path: Path) -> str:
 
 
 def accuracy_rows(cells: list[Selected]) -> list[list[str]]:
-    """Rows: method x n, ``mean ± std (lr)``, the best mean of each n in bold (CKD Table 1 layout)."""
+    """Rows: method x n, ``mean ± std (lr)``, the best mean of each n in bold (CKD Table 1 layout).
+
+    A cell whose runs tried fewer LRs than the table's widest search says ``lr X only``: with
+    ``choose_lr_at``, its LR was chosen at another budget (:mod:`ftikd.experiments.lr_choice`).
+    """
     budgets = sorted({c.n for c in cells})
     labels = list(dict.fromkeys(c.label for c in cells))
     by = {(c.label, c.n): c for c in cells}
     best = {n: max(c.mean for c in cells if c.n == n) for n in budgets}
+    searched = max(len(c.lr_val) for c in cells)
     rows = [["method", *[f"n={n}" for n in budgets]]]
     for label in labels:
         row = [label]
@@ -158,9 +165,9 @@ def accuracy_rows(cells: list[Selected]) -> list[list[str]]:
                 row.append("-")
                 continue
             text = _mean_std(c.test, ".2f")
-            row.append(
-                f"{'**' + text + '**' if c.mean == best[n] else text} (lr {c.lr:g}, {len(c.test)} seeds)"
-            )
+            only = " only" if len(c.lr_val) < searched else ""
+            bold = f"**{text}**" if c.mean == best[n] else text
+            row.append(f"{bold} (lr {c.lr:g}{only}, {len(c.test)} seeds)")
         rows.append(row)
     return rows
 
@@ -271,7 +278,8 @@ def write_report(
         f"{counts['pending']} pending; {run_hours:.2f} h of run wall time in all (runs in parallel "
         "overlap). Test top-1 % (mean ± std over seeds) at the LR with the highest "
         "mean validation top-1 over seeds per (method, pair, n) (CKD paper A.1); the best mean of each "
-        "column in bold.",
+        "column in bold; 'lr X only' marks a cell run at fewer LRs than the others (a sweep with "
+        "choose_lr_at runs its other budgets at the LR chosen at that budget).",
     ]
     for dataset, pair in dict.fromkeys((c.dataset, c.pair) for c in cells):
         pc = [c for c in cells if (c.dataset, c.pair) == (dataset, pair)]

@@ -169,6 +169,28 @@ class ResultsDB:
                 )
         return added
 
+    def drop_unlisted(self, sweep: str, keys: set[str]) -> int:
+        """Take out of ``sweep`` its unfinished runs not in ``keys``; return how many.
+
+        A sweep then claims only the runs of its latest grid (a run dropped from the grid, or one a
+        staged LR choice skipped, is not run), while finished runs stay in it and their rows stay in
+        the database for any sweep that lists them again.
+        """
+        with self.transaction() as conn:
+            stale = [
+                r["key"]
+                for r in conn.execute(
+                    "SELECT r.key FROM runs r JOIN sweep_runs s ON r.key = s.key"
+                    " WHERE s.sweep = ? AND r.status != 'done'",
+                    (sweep,),
+                )
+                if r["key"] not in keys
+            ]
+            conn.executemany(
+                "DELETE FROM sweep_runs WHERE sweep = ? AND key = ?", [(sweep, key) for key in stale]
+            )
+        return len(stale)
+
     def claim(
         self,
         sweep: str,

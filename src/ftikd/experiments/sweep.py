@@ -7,7 +7,8 @@ defaults), never by paths or devices, so adding a method or a budget to a sweep 
 Teachers train once per pair into ``<out>/teachers/`` under a file lock, and every run of one
 teacher shares one teacher-output store ``<out>/stores/``, so each sample's teacher output is paid
 once per (teacher, view) whichever run needs it first. The LR is chosen per (method, pair, n) by
-the mean validation accuracy over seeds and the test accuracy is reported at that LR ([S0] A.1).
+the mean validation accuracy over seeds and the test accuracy is reported at that LR ([S0] A.1);
+with ``choose_lr_at`` the choice is made at one budget and carried to the others (``lr_choice``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ftikd.engine.config import NOT_RESULT_FIELDS, TrainConfig
 from ftikd.errors import FtikdError
 from ftikd.experiments.config_check import check_run_config
 from ftikd.experiments.db import JobRow, ResultsDB
+from ftikd.experiments.lr_choice import runnable_jobs
 from ftikd.experiments.teacher_outputs import with_feature_names
 from ftikd.experiments.tracking import check_trackers, parse_track
 from ftikd.options import parse_method_spec
@@ -121,6 +123,7 @@ class SweepConfig:
     budgets: list[int] = field(default_factory=lambda: [500])
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     lrs: list[float] = field(default_factory=lambda: [0.05])
+    choose_lr_at: int | None = None  # run every LR at this budget only; carry its choice to the others
     view: int = 0
     train: dict[str, Any] = field(default_factory=dict)
     teacher_train: dict[str, Any] = field(default_factory=dict)
@@ -174,6 +177,10 @@ def sweep_from_dict(raw: Any, source: str = "sweep") -> SweepConfig:
     ):
         raise FtikdError(
             f"{source}: methods must be distinct, LRs positive, and the LR is set by 'lrs' (not train.lr)"
+        )
+    if cfg.choose_lr_at is not None and cfg.choose_lr_at not in cfg.budgets:
+        raise FtikdError(
+            f"{source}: choose_lr_at ({cfg.choose_lr_at}) must be one of the budgets {cfg.budgets}"
         )
     try:
         cfg.train_config(cfg.lrs[0])
@@ -387,11 +394,17 @@ def run_sweep(
     if executor not in ("local", "ray"):
         raise FtikdError(f"unknown executor {executor!r}; use 'local' or 'ray'")
     jobs = prepare(cfg, f"sweep {cfg.name}")
-    with ResultsDB(cfg.db_path) as db:
-        db.add_jobs(cfg.name, jobs)
-    for job in {j.config["run"]["teacher"]: j for j in jobs}.values():
-        ensure_teacher(job.config["run"]["teacher"], job.config["teacher_recipe"])
     opts = ExecOptions(workers=workers, progress=progress, retry_failed=retry_failed)
-    run_jobs(cfg.db_path, cfg.name, executor, opts, address)
-    with ResultsDB(cfg.db_path) as db:
-        return db.counts(cfg.name)
+    registered = -1
+    while True:  # one pass without choose_lr_at; with it, a further pass as LR choices complete
+        with ResultsDB(cfg.db_path) as db:
+            now, waiting = runnable_jobs(jobs, db.rows(), cfg.choose_lr_at)
+            if len(now) == registered:
+                return {**db.counts(cfg.name), "waiting": waiting}
+            db.add_jobs(cfg.name, now)
+            db.drop_unlisted(cfg.name, {j.key for j in now})
+        if registered < 0:
+            for job in {j.config["run"]["teacher"]: j for j in jobs}.values():
+                ensure_teacher(job.config["run"]["teacher"], job.config["teacher_recipe"])
+        registered = len(now)
+        run_jobs(cfg.db_path, cfg.name, executor, opts, address)
