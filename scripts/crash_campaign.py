@@ -324,6 +324,8 @@ def campaign_training(
     pending file is left; the store opens, holds every sample once, and its ledger of paid calls
     equals the number of distinct samples (no paid call lost or paid twice).
     """
+    import torch
+
     from ftikd.experiments.run import RunPaths, run_distillation
     from ftikd.teacher import TeacherStore
 
@@ -334,6 +336,8 @@ def campaign_training(
     teacher = _campaign_teacher(workdir / "teacher.safetensors")
     out = workdir / "killed" / "runs"
     failures: list[str] = []
+    # bit equality with the in-process reference needs the same computation: the same thread count
+    same_threads = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     kills_sent = kills_missed = resumes = resumes_ok = 0
     results = []
     run = -1
@@ -354,6 +358,7 @@ def campaign_training(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                env=same_threads,
             )
             if attempt <= planned:
                 time.sleep(rng.uniform(0.2, 3.0 + ref_s))  # start-up (imports) takes about 3 s

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from ftikd.cli import main
 from ftikd.experiments.run import RunConfig, RunPaths, run_distillation
 
@@ -36,7 +38,9 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path, digits
         "--out",
         str(out),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the killed attempt must compute exactly as this process does: same torch thread count
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     cfg = RunConfig.from_file(tmp_path / "a" / "runs" / f"{reference['run']}.json")
     cfg.out = str(out)
     paths = RunPaths.of(cfg)
