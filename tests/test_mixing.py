@@ -159,22 +159,27 @@ def test_cutmix_lambda_is_the_fraction_of_pixels_from_the_first_image():
         assert 0.0 <= lam <= 1.0
 
 
-def test_cutmix_method_weights_teacher_parts_by_area():
+@pytest.mark.parametrize("seed", [3, 4])  # boxes of 2 and 4 of the 16 pixels
+def test_cutmix_method_weights_teacher_parts_by_area(seed):
     method = build_method("cutmix")
     batch = group_batch(4, 2, 5)
     student = Recorder(16, 5)
-    torch.manual_seed(5)
+    torch.manual_seed(seed)
     terms = method.loss(student, batch)
-    torch.manual_seed(5)
-    box, lam = draw_cutmix_box(4, 4)
-    y0, y1, x0, x1 = box
+    y0, y1, x0, x1 = np_cutmix_box(4, 4, seed)  # the spec's box, from the same RNG draws
+    lam = 1 - (y1 - y0) * (x1 - x0) / 16  # the share of the first image's pixels
+    assert 0 < lam < 1
     expected = batch.images[:, 0].clone()
     expected[..., y0:y1, x0:x1] = batch.images[:, 1, :, y0:y1, x0:x1]
     torch.testing.assert_close(student.seen[0], expected)
     logits = student.fc(student.seen[0].flatten(1)).detach().double().numpy()
     t = batch.teacher_logits.double().numpy()
     target = lam * np_softmax(t[:, 0]) + (1 - lam) * np_softmax(t[:, 1])
-    assert terms["soft"].item() == pytest.approx(-(target * np_log_softmax(logits)).sum(-1).mean(), rel=1e-4)
+    log_q = np_log_softmax(logits)
+    assert terms["soft"].item() == pytest.approx(-(target * log_q).sum(-1).mean(), rel=1e-4)
+    y = batch.labels.numpy()
+    ce = lam * -log_q[np.arange(4), y[:, 0]].mean() + (1 - lam) * -log_q[np.arange(4), y[:, 1]].mean()
+    assert terms["ce"].item() == pytest.approx(ce, rel=1e-4)
 
 
 @pytest.mark.parametrize("name", ["mixup", "mixup3", "cutmix"])
