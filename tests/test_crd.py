@@ -154,12 +154,18 @@ def test_crd_memory_has_n_rows_on_device_and_updates_only_the_batch_rows():
         )
         assert torch.allclose(bank[first].norm(dim=1), torch.ones(4, device=DEVICE), atol=1e-5)
     assert torch.equal(memory.log_z, log_z)  # Z is fixed by the first batch
-    # restoring a snapshot (as at a phase end) brings the bank back with the student
+    # a phase end (A11) restores the heads from the best snapshot but keeps the bank as it is now
     snapshot = trainable_state(student, method.modules())
     method.loss(student, batch([1, 2]))
     method.loss(student, batch([4, 6]))
-    load_trainable_state(student, method.modules(), snapshot)
-    assert torch.equal(memory.student, snapshot["extra"]["memory.student"].to(DEVICE))
+    with torch.no_grad():
+        method.extra["embed_s"].linear.weight.add_(1.0)  # as if an optimizer step had moved the head
+    bank_now = memory.student.clone()
+    assert not torch.equal(bank_now, snapshot["extra"]["memory.student"].to(DEVICE))
+    load_trainable_state(student, method.modules(), snapshot, keep=method.phase_end_keeps)
+    assert torch.equal(memory.student, bank_now)
+    head = snapshot["extra"]["embed_s.linear.weight"].to(DEVICE)
+    assert torch.equal(method.extra["embed_s"].linear.weight, head)
 
 
 def test_crd_learns_labels_from_batches_when_the_context_has_none():

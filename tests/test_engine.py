@@ -56,6 +56,25 @@ def test_schedule_phases_lr_and_best_restore(method):
     assert result.steps == result.epochs * steps_per_epoch(40, 16)
 
 
+def test_phase_ends_keep_the_loss_state_a_method_names(monkeypatch):
+    """A11: a phase end restores CRD's heads but not its memory bank; the final restore is complete."""
+    import ftikd.engine.trainer as trainer
+
+    calls = []
+    real = trainer.load_trainable_state
+
+    def spy(student, extra, state, keep=()):
+        calls.append(keep)
+        real(student, extra, state, keep)
+
+    monkeypatch.setattr(trainer, "load_trainable_state", spy)
+    student = build_model("resnet8", in_channels=1, num_classes=3)
+    cfg = TrainConfig(batch_size=16, patience=1, phases=2, max_epochs=20)
+    result = fit(student, build_method("crd", num_negatives=8), tiny_data(), cfg, seed=0)
+    ends = [h for h in result.history if h.get("phase_end")]
+    assert len(ends) == 2 and calls == [("memory.",)] * 2 + [()]
+
+
 def test_max_epochs_caps_training():
     data = tiny_data()
     student = build_model("resnet8", in_channels=1, num_classes=3)

@@ -4,7 +4,8 @@ One pseudo-epoch is ceil(n / batch) optimizer steps whatever the sampler; valida
 measured after each. A phase ends after ``patience`` evaluations without improvement: the best
 student and extra modules are restored and the LR divided by 10. After ``phases`` phase ends (or
 ``max_epochs`` pseudo-epochs) training stops and the best-validation weights are the result.
-Momentum buffers are not restored at a phase end, as in the CKD authors' code (A11).
+As in the CKD authors' code (A11), a phase end restores neither the momentum buffers nor the
+non-trainable loss state a method names in ``phase_end_keeps`` (CRD's memory bank).
 """
 
 from __future__ import annotations
@@ -145,9 +146,13 @@ def trainable_state(student: nn.Module, extra: nn.Module) -> dict:
     return {"student": copy.deepcopy(student.state_dict()), "extra": copy.deepcopy(extra.state_dict())}
 
 
-def load_trainable_state(student: nn.Module, extra: nn.Module, state: dict) -> None:
+def load_trainable_state(
+    student: nn.Module, extra: nn.Module, state: dict, keep: tuple[str, ...] = ()
+) -> None:
+    """Load ``state``; extra-module entries whose names start with a prefix in ``keep`` stay as they are."""
     student.load_state_dict(state["student"])
-    extra.load_state_dict(state["extra"])
+    current = extra.state_dict() if keep else {}
+    extra.load_state_dict({k: current[k] if k.startswith(keep) else v for k, v in state["extra"].items()})
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -379,7 +384,7 @@ def fit(
             **{name: float(total) / epoch_steps for name, total in sums.items()},
         }
         if loop.epoch - loop.last_improve >= cfg.patience:
-            load_trainable_state(student, extra, best_state)
+            load_trainable_state(student, extra, best_state, keep=method.phase_end_keeps)
             loop.last_improve, loop.phase = loop.epoch, loop.phase + 1
             set_lr(optimizer, cfg.lr * cfg.lr_decay**loop.phase)
             record["phase_end"] = True

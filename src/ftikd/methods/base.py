@@ -80,6 +80,8 @@ class Method:
       ``teacher_features``: names of teacher features the method reads from the store;
       ``couples_batch_rows``: True when the loss compares rows of a batch with each other, so that
       data-parallel ranks (each holding a slice of the batch) optimise a different objective;
+      ``phase_end_keeps``: name prefixes of extra-module state entries that a phase end does not
+      restore from the best checkpoint (non-trainable loss state, e.g. CRD's memory bank: A11);
       ``queries_teacher``: True when the method calls the teacher on new inputs during training
       (through ``MethodContext.paid_teacher``), spending what :meth:`train_samples` leaves of n;
       ``Config``: the options dataclass.
@@ -96,6 +98,7 @@ class Method:
     teacher_features: ClassVar[tuple[str, ...]] = ()
     couples_batch_rows: ClassVar[bool] = False
     queries_teacher: ClassVar[bool] = False
+    phase_end_keeps: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type[MethodConfig]] = MethodConfig
 
     def __init__(self, config: MethodConfig | None = None) -> None:

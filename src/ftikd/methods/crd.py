@@ -6,11 +6,12 @@ features (its teacher side is cached in the store too, so the budget stays 1x, F
 
 Memory. The bank holds one row per sample of the *training subset* (n = ``MethodContext.num_train``,
 not the full dataset), for each side, as buffers of a module in ``self.extra``: it lives on the
-training device, is updated in place under no_grad, and is checkpointed and restored with the student
-(see A11 below). Measured with :meth:`CRDMemory.nbytes` at the default d = 128 and 64 rows a step:
-n = 500: 582,057 bytes (512,000 for the two n x d float32 banks); n = 50,000: 51,666,057 bytes
-(51,200,000 for the banks). Each step also holds the B x n score matrix of each side (see
-:mod:`ftikd.losses.contrastive`) and, when K <= n, B x n sampling keys.
+training device, is updated in place under no_grad, and is checkpointed with the student (a resumed
+run continues exactly) but not restored at a phase end (A11 below). Measured with
+:meth:`CRDMemory.nbytes` at the default d = 128 and 64 rows a step: n = 500: 582,057 bytes
+(512,000 for the two n x d float32 banks); n = 50,000: 51,666,057 bytes (51,200,000 for the banks).
+Each step also holds the B x n score matrix of each side (see :mod:`ftikd.losses.contrastive`) and,
+when K <= n, B x n sampling keys.
 
 Negatives. K = 16384 per anchor (the reference's) from the anchor's other-class rows of the subset.
 The subset caps the number of *distinct* negatives, not K: when K exceeds the pool (always in FTI,
@@ -25,10 +26,10 @@ Update timing. A step's forward reads the bank and its backward still needs it, 
 update is kept pending (in buffers) and written at the start of the next step, before that step's
 scores: exactly the memory the reference's next step sees, without copying the bank.
 
-A11. The reference does not restore memory or Z when the best checkpoint is reloaded at an LR-phase
-end; here they are buffers of ``self.extra`` and so are restored with the student and its embedding
-heads. This keeps the bank consistent with the restored heads (whose outputs it stores) and makes
-resumed runs exact; the stale memory of the abandoned weights is what the reference keeps instead.
+A11. When the best checkpoint is reloaded at an LR-phase end, the reference restores the embedding
+heads with the student but not the memory or Z: the bank keeps the rows written by the abandoned
+weights and refreshes them at momentum 0.5 as training goes on. ftikd does the same
+(``phase_end_keeps``), as METHODS.md A11 chooses.
 
 Under ``torchrun`` each rank updates its bank from its own rows of the batch only (not synchronised).
 """
@@ -238,6 +239,7 @@ class CRD(Method):
     extras = "student and teacher embedding heads; memory bank of n rows per side"
     summary = "CRD: NCE between student/teacher embeddings with a momentum memory bank (FTI: on logits)"
     reference = "Tian et al., 2019, Contrastive Representation Distillation; FTI setting: CKD (Xu et al.)"
+    phase_end_keeps = ("memory.",)
     Config = CRDConfig
 
     def __init__(self, config: CRDConfig | None = None) -> None:
