@@ -38,6 +38,7 @@ def test_ray_executor_runs_a_grid_and_the_driver_records_it(tmp_path, digits_tea
         "running": 0,
         "done": 3,
         "failed": 0,
+        "waiting": 0,
     }
     with ResultsDB(cfg.db_path) as db:
         rows = db.rows("ray")
