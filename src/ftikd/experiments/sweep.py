@@ -398,7 +398,8 @@ def run_sweep(
     registered = -1
     while True:  # one pass without choose_lr_at; with it, a further pass as LR choices complete
         with ResultsDB(cfg.db_path) as db:
-            now, waiting = runnable_jobs(jobs, db.rows(), cfg.choose_lr_at)
+            done = db.rows(cfg.name, "done") if cfg.choose_lr_at is not None else []
+            now, waiting = runnable_jobs(jobs, done, cfg.choose_lr_at)
             if len(now) == registered:
                 return {**db.counts(cfg.name), "waiting": waiting}
             db.add_jobs(cfg.name, now)
