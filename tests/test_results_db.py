@@ -73,6 +73,20 @@ def test_stale_heartbeat_and_dead_pid_are_reclaimed(tmp_path):
         assert row["key"] == "z" and row["claimed_by"] == me
 
 
+def test_a_dead_claimers_run_is_taken_before_pending_runs(tmp_path):
+    """A half-done run (it may have a checkpoint) is resumed before a new run starts."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with ResultsDB(tmp_path / "r.sqlite") as db:
+        db.add_jobs("s", jobs(3))
+        db.claim("s", "elsewhere:1")  # k000, alive
+        db.claim("s", f"{socket.gethostname()}:{dead.pid}")  # k001, its claimer is gone
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        assert db.claim("s", me, stale_s=60)["key"] == "k001"  # not k002, the next pending run
+        assert db.claim("s", me, stale_s=60)["key"] == "k002"
+        assert db.claim("s", me, stale_s=60) is None
+
+
 CLAIMER = """
 import sys
 from ftikd.experiments.db import ResultsDB

@@ -200,8 +200,10 @@ class ResultsDB:
     ) -> sqlite3.Row | None:
         """Atomically take the next runnable run of ``sweep`` (pending, or running with a dead claimer).
 
-        Returns the claimed row (``resumed`` tells whether it had been claimed before) or None when
-        nothing is left to take.
+        A dead claimer's run comes before pending ones: it may hold a training checkpoint, and
+        finishing it first turns work already done into a result before new runs start. Returns the
+        claimed row (``resumed`` tells whether it had been claimed before) or None when nothing is
+        left to take.
         """
         claimer = claimer or worker_id()
         host, _, pid = claimer.rpartition(":")
@@ -210,7 +212,7 @@ class ResultsDB:
         with self.transaction() as conn:
             rows = conn.execute(
                 "SELECT r.* FROM runs r JOIN sweep_runs s ON r.key = s.key WHERE s.sweep = ? AND r.status"
-                f" IN ({','.join('?' * len(wanted))}, 'running') ORDER BY (r.status = 'running'), s.ord",
+                f" IN ({','.join('?' * len(wanted))}, 'running') ORDER BY (r.status != 'running'), s.ord",
                 (sweep, *wanted),
             ).fetchall()
             for row in rows:
