@@ -84,3 +84,19 @@ def test_rkd_d_projects_both_sides_and_averages_ce_over_pair_members():
     assert set(terms) == {"ce", "rkd_d"}
     assert terms["rkd_d"] == pytest.approx(float(((ds - dt) ** 2).mean()), rel=1e-4)
     assert terms["ce"] == pytest.approx(np_ce(s.reshape(-1, C), y.reshape(-1)), rel=1e-4)
+
+
+@pytest.mark.parametrize("d,reduction", [(100, "ref"), (C, "mean")])
+def test_rkd_d_on_pairs_is_ckds_teacher_term_beside_ce(d, reduction):
+    """RKD_d on CKD's pairs is CKD's teacher-difference term with CE in place of the label term.
+
+    An isometric theta keeps each difference's length, so the MSE over d dims is |dz|^2 / d: at
+    d = 100 CKD's default (sum over classes / 100), at d = C the authors' class mean. The results
+    table's reading of RKD_d against CKD (docs/results/cpu-fashion-baselines) rests on this.
+    """
+    _, _, batch, method = run("rkd-d", leading=(B, 2), d=d)
+    student = Recorder(D, C)  # one student for both methods, so only the losses differ
+    rkd_d = {k: v.item() for k, v in method.loss(student, batch).items()}
+    ckd = {k: v.item() for k, v in build_method("ckd", reduction=reduction).loss(student, batch).items()}
+    assert set(rkd_d) == {"ce", "rkd_d"} and set(ckd) == {"ckd_label", "ckd_teacher"}
+    assert rkd_d["rkd_d"] == pytest.approx(ckd["ckd_teacher"], rel=1e-5)
