@@ -93,6 +93,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         paper_tables=args.paper_tables,
         reference=args.reference,
         reference_sweep=args.reference_sweep,
+        paired_with=args.paired_with,
     )
     for path in paths:
         print(path)
@@ -149,4 +150,9 @@ def add_sweep_commands(sub: Any) -> None:
         help="a second results database (e.g. the full protocol): add how both rank the methods per n",
     )
     r.add_argument("--reference-sweep", help="compare with this sweep of --reference only (default: all)")
+    r.add_argument(
+        "--paired-with",
+        metavar="METHOD",
+        help="add every method's seed-paired difference from METHOD (a method label, e.g. ckd) with its SE",
+    )
     r.set_defaults(func=cmd_report)

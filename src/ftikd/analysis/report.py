@@ -16,10 +16,12 @@ import json
 import os
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftikd.analysis.paired import EXPLANATION as PAIRED_EXPLANATION
+from ftikd.analysis.paired import check_baseline, paired_rows
 from ftikd.analysis.plot import plot_accuracy_vs_calls
 from ftikd.analysis.summary import Cell
 from ftikd.analysis.targets import EXPLANATION, calls_to_target, table_rows
@@ -63,6 +65,7 @@ class Selected:
     calls_used: int
     lr_val: dict[float, float]
     wall_s: list[float]  # wall time of each run at the chosen LR
+    seeds: list[int] = field(default_factory=list)  # the seed of each entry of ``test``
 
     @property
     def mean(self) -> float:
@@ -102,6 +105,7 @@ def select_lr(rows: list[Any]) -> list[Selected]:
                 max(int(x["calls_used"] or 0) for x in runs),
                 lr_val,
                 [float(x["wall_s"] or 0.0) for x in runs],
+                [int(x["seed"]) for x in runs],
             )
         )
     return sorted(out, key=lambda s: (s.pair, s.n))
@@ -167,7 +171,8 @@ def accuracy_rows(cells: list[Selected]) -> list[list[str]]:
             text = _mean_std(c.test, ".2f")
             only = " only" if len(c.lr_val) < searched else ""
             bold = f"**{text}**" if c.mean == best[n] else text
-            row.append(f"{bold} (lr {c.lr:g}{only}, {len(c.test)} seeds)")
+            seeds = "1 seed" if len(c.test) == 1 else f"{len(c.test)} seeds"
+            row.append(f"{bold} (lr {c.lr:g}{only}, {seeds})")
         rows.append(row)
     return rows
 
@@ -184,9 +189,10 @@ def wall_rows(cells: list[Selected]) -> list[list[str]]:
 
 
 def _mean_std(values: list[float], fmt: str) -> str:
-    """``mean ± std`` of ``values`` (std 0 for a single value), each in format ``fmt``."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):{fmt}} ± {std:{fmt}}"
+    """``mean ± std`` of ``values`` in format ``fmt``; a single value alone (it has no std)."""
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.fmean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
 def find_paper_tables(explicit: str | None) -> Path | None:
@@ -250,8 +256,12 @@ def write_report(
     paper_tables: str | None = None,
     reference: str | Path | None = None,
     reference_sweep: str | None = None,
+    paired_with: str | None = None,
 ) -> list[Path]:
     """Write ``report.md`` plus per-pair CSV and PNG files under ``out``; return the paths written.
+
+    With ``paired_with`` (a method label), each pair's section adds every method's paired
+    difference from that method with its standard error (:mod:`ftikd.analysis.paired`).
 
     With ``reference`` (another results database, e.g. the same grid under the full protocol), the
     report ends with how the two rank the methods in every (dataset, pair, n) both hold
@@ -263,6 +273,8 @@ def write_report(
     cells = select_lr(rows)
     if not cells:
         raise FtikdError(f"no finished runs in {db_path}; run (or finish) the sweep first")
+    if paired_with is not None:
+        check_baseline(cells, paired_with)
     ref_cells = None
     if reference is not None:
         ref_cells = select_lr(_read_db(Path(reference), reference_sweep)[0])
@@ -298,6 +310,14 @@ def write_report(
             write_table(wall_rows(pc), out / f"{slug}_wall_time.csv"),
         ]
         written.append(out / f"{slug}_wall_time.csv")
+        if paired_with is not None and any(c.label == paired_with for c in pc):
+            path = out / f"{slug}_paired_vs_{paired_with}.csv"
+            parts += [
+                f"### Paired differences from {paired_with} (test top-1 points)",
+                write_table(paired_rows(pc, paired_with), path),
+                PAIRED_EXPLANATION,
+            ]
+            written.append(path)
         curves = {}
         for label in dict.fromkeys(c.label for c in pc if c.calls_used > 0):
             series = sorted((c for c in pc if c.label == label), key=lambda c: c.n)
