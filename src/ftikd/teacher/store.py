@@ -129,7 +129,10 @@ class TeacherStore(StorePaying, StoreMerging):
                         (meta["max_calls"],),
                     )
                     conn.execute("COMMIT")
-        except sqlite3.DatabaseError as e:
+        except (
+            sqlite3.DatabaseError,
+            UnicodeDecodeError,
+        ) as e:  # a text value that is not UTF-8 is corruption too
             conn.close()
             if initialising:
                 cls.remove_files(p)
